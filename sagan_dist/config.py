@@ -1,0 +1,261 @@
+"""Typed configuration: the one place defaults live.
+
+YAML files and ``key=value`` overrides are merged onto the dataclass schema below (an OmegaConf
+structured config), so unknown keys and wrong types are rejected by OmegaConf itself; `validate`
+then checks the values that a type cannot express (a resolution that is not a power of two, an
+attention resolution the model does not have, ...). Everything fails before any work starts, with
+one message that names the key and the allowed values.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+RESOLUTIONS = (32, 64, 128, 256, 512)
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, unknown, of the wrong type or impossible."""
+
+
+@dataclass
+class ModelConfig:
+    resolution: int = 32
+    z_dim: int = 128
+    g_channels: int = 64  # base width; each block uses a multiple of it (see models/sagan.py)
+    d_channels: int = 64
+    # Feature-map resolutions that get a self-attention block; null -> the model's default (the
+    # paper's placement at 128 px, see models/sagan.py), [] -> no attention.
+    g_attention: Optional[list[int]] = None
+    d_attention: Optional[list[int]] = None
+    attention_pool: bool = False  # max-pool keys/values 2x2 as the official TF code does
+    init: str = "ortho"  # ortho | normal | xavier
+    sync_bn: bool = False  # SyncBatchNorm for G's conditional BN (DDP only)
+    # Activation checkpointing of attention blocks at feature maps >= this resolution; 0 = off.
+    checkpoint_from: int = 0
+    checkpoint_blocks: bool = False  # also checkpoint residual blocks at those resolutions
+
+
+@dataclass
+class DataConfig:
+    # "digits": scikit-learn's handwritten digits written as shards into <run_dir>/data (no download)
+    # "shards": read `shards` (brace notation, local paths or pipe: commands)
+    source: str = "digits"
+    shards: str = ""
+    num_classes: int = 10
+    shuffle_buffer: int = 2000
+    workers: int = 0
+    decode: str = "draft"  # draft (PIL JPEG draft mode) | full
+    crop: str = "random"  # random (random-resized) | center
+    min_scale: float = 0.35  # smallest area fraction for the random-resized crop
+    flip: bool = True
+    epoch_samples: int = 0  # samples per epoch over all ranks; 0 = the index total
+    max_warnings: int = 20  # warnings for bad samples before they are only counted
+
+
+@dataclass
+class TrainConfig:
+    run_dir: str = "runs/demo"
+    steps: int = 600  # generator steps; each is preceded by n_critic discriminator steps
+    batch_size: int = 64  # global batch per D or G step, over all ranks and accumulation rounds
+    accumulation: int = 1
+    n_critic: int = 1
+    lr_g: float = 1e-4
+    lr_d: float = 4e-4
+    betas: list[float] = field(default_factory=lambda: [0.0, 0.9])
+    loss: str = "hinge"  # hinge | nonsat
+    # EMA of G, as stylegan2-ada: half-life of ema_kimg thousand images, ramped up with the images
+    # seen (half-life <= images_seen * ema_rampup) so that a short run's EMA keeps up.
+    ema_start: int = 0
+    ema_kimg: float = 10.0
+    ema_rampup: float = 0.05
+    precision: str = "fp32"  # fp32 | bf16 | fp16
+    grad_clip: float = 0.0  # 0 = off
+    max_bad_steps: int = 20  # consecutive non-finite steps before the run stops
+    seed: int = 0
+    log_every: int = 20
+    sample_every: int = 100
+    checkpoint_every: int = 200
+    keep_checkpoints: int = 3
+    resume: str = "auto"  # auto | never | <path to a checkpoint>
+    truncation: float = 0.0  # for sample grids; 0 = off
+    sample_classes: int = 10  # rows of the sample grid (classes); 0 = all
+    samples_per_class: int = 8
+
+
+@dataclass
+class DeepSpeedConfig:
+    zero_stage: int = 1
+    # Any other DeepSpeed key, passed through as is (e.g. {"zero_optimization": {...}}).
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class TrackingConfig:
+    enabled: bool = True
+    uri: str = ""  # "" -> $MLFLOW_TRACKING_URI -> MLflow's default, sqlite:///mlflow.db
+    experiment: str = "sagan-dist"
+    run_name: str = ""
+    log_every: int = 20
+    log_checkpoints: bool = False
+    system_metrics: bool = False
+
+
+@dataclass
+class EvalConfig:
+    every: int = 0  # steps between IS/FID/KID evaluations in training; 0 = off
+    num_samples: int = 10000
+    batch_size: int = 100
+    metrics: list[str] = field(default_factory=lambda: ["isc", "fid", "kid"])
+    inception_weights: str = ""  # local path to torch-fidelity's Inception weights (offline)
+    reference_samples: int = 10000
+    cache_dir: str = ""  # "" -> <run_dir>/fidelity-cache
+    truncation: float = 0.0
+
+
+@dataclass
+class Config:
+    engine: str = "ddp"  # ddp | deepspeed
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+def resolve_config_path(path: str | os.PathLike) -> Path:
+    """A YAML path as given, or a bare name (``demo``, ``demo.yaml``) from the shipped configs/."""
+    p = Path(path)
+    if p.exists():
+        return p
+    for candidate in (CONFIG_DIR / p, CONFIG_DIR / f"{p}.yaml"):
+        if candidate.exists():
+            return candidate
+    raise ConfigError(f"config file {str(path)!r} not found (nor in {CONFIG_DIR})")
+
+
+def load(
+    yaml_paths: Sequence[str | os.PathLike] = (),
+    overrides: Sequence[str] = (),
+    world_size: int = 1,
+) -> DictConfig:
+    """Schema <- base.yaml <- each YAML <- ``key=value`` overrides, then validated."""
+    cfg = OmegaConf.structured(Config)
+    paths = [CONFIG_DIR / "base.yaml"] if (CONFIG_DIR / "base.yaml").exists() else []
+    paths += [resolve_config_path(p) for p in yaml_paths]
+    try:
+        for p in paths:
+            cfg = OmegaConf.merge(cfg, OmegaConf.load(p))
+        if overrides:
+            bad = [o for o in overrides if "=" not in o]
+            if bad:
+                raise ConfigError(f"override {bad[0]!r} is not of the form key=value")
+            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
+    except OmegaConfBaseException as e:
+        raise ConfigError(_omegaconf_message(e)) from None
+    validate(cfg, world_size)
+    OmegaConf.set_readonly(cfg, True)
+    return cfg
+
+
+def from_container(data: dict[str, Any], world_size: int = 1) -> DictConfig:
+    """Rebuild a validated config from a plain dict (as stored in a checkpoint)."""
+    try:
+        cfg = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(data))
+    except OmegaConfBaseException as e:
+        raise ConfigError(_omegaconf_message(e)) from None
+    validate(cfg, world_size)
+    OmegaConf.set_readonly(cfg, True)
+    return cfg
+
+
+def to_container(cfg: DictConfig) -> dict[str, Any]:
+    return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+
+
+def to_yaml(cfg: DictConfig) -> str:
+    return OmegaConf.to_yaml(cfg, resolve=True)
+
+
+def _omegaconf_message(e: OmegaConfBaseException) -> str:
+    key = getattr(e, "full_key", None)
+    first = str(e).splitlines()[0]
+    if "not in struct" in str(e) or "Key '" in first and "not" in first:
+        return f"unknown config key {key!r}: {first}"
+    return f"config key {key!r}: {first}" if key else first
+
+
+def _check(ok: bool, key: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(f"config key {key!r} = {value!r} is not allowed; allowed: {allowed}")
+
+
+def _choice(cfg: DictConfig, key: str, choices: Sequence[Any]) -> None:
+    value = OmegaConf.select(cfg, key)
+    _check(value in choices, key, value, " | ".join(map(str, choices)))
+
+
+def _positive(cfg: DictConfig, key: str, strict: bool = True) -> None:
+    value = OmegaConf.select(cfg, key)
+    _check(value > 0 if strict else value >= 0, key, value, "> 0" if strict else ">= 0")
+
+
+def feature_resolutions(resolution: int) -> list[int]:
+    """Feature-map resolutions a model of this size has (4 .. resolution)."""
+    return [2**i for i in range(2, resolution.bit_length())]
+
+
+def validate(cfg: DictConfig, world_size: int = 1) -> None:
+    """Check what types cannot: ranges, choices and the consistency between sections."""
+    m, t, d = cfg.model, cfg.train, cfg.data
+    _choice(cfg, "engine", ("ddp", "deepspeed"))
+    _choice(cfg, "model.resolution", RESOLUTIONS)
+    fmaps = feature_resolutions(m.resolution)
+    for side in ("g_attention", "d_attention"):
+        for r in m[side] or []:
+            _check(r in fmaps[1:], f"model.{side}", list(m[side]), f"resolutions of this model {fmaps[1:]}")
+    _check(m.checkpoint_from == 0 or m.checkpoint_from in fmaps, "model.checkpoint_from",
+           m.checkpoint_from, f"0 (off) or one of {fmaps}")
+    for key in ("model.z_dim", "model.g_channels", "model.d_channels"):
+        _positive(cfg, key)
+    _choice(cfg, "model.init", ("ortho", "normal", "xavier"))
+    _choice(cfg, "data.source", ("digits", "shards"))
+    _check(d.source != "shards" or bool(d.shards), "data.shards", d.shards,
+           "a shard pattern such as /data/imagenet/train-{000000..001023}.tar")
+    _check(d.num_classes >= 1, "data.num_classes", d.num_classes, ">= 1")
+    _choice(cfg, "data.decode", ("draft", "full"))
+    _choice(cfg, "data.crop", ("random", "center"))
+    _check(0 < d.min_scale <= 1, "data.min_scale", d.min_scale, "0 < min_scale <= 1")
+    for key in ("data.workers", "data.shuffle_buffer", "data.epoch_samples"):
+        _positive(cfg, key, strict=False)
+    for key in ("train.steps", "train.batch_size", "train.accumulation", "train.n_critic",
+                "train.log_every", "train.sample_every", "train.checkpoint_every",
+                "train.keep_checkpoints", "train.samples_per_class", "train.max_bad_steps"):
+        _positive(cfg, key)
+    for key in ("train.lr_g", "train.lr_d"):
+        _check(OmegaConf.select(cfg, key) > 0, key, OmegaConf.select(cfg, key), "a learning rate > 0")
+    _check(len(t.betas) == 2 and all(0 <= b < 1 for b in t.betas), "train.betas", list(t.betas),
+           "two floats in [0, 1), e.g. [0.0, 0.9]")
+    _choice(cfg, "train.loss", ("hinge", "nonsat"))
+    _choice(cfg, "train.precision", ("fp32", "bf16", "fp16"))
+    for key in ("train.ema_start", "train.ema_kimg", "train.ema_rampup", "train.grad_clip",
+                "train.truncation", "train.sample_classes"):
+        _positive(cfg, key, strict=False)
+    shards = world_size * t.accumulation
+    _check(t.batch_size % shards == 0, "train.batch_size", t.batch_size,
+           f"a multiple of world size x train.accumulation = {world_size} x {t.accumulation} = {shards}")
+    _check(t.resume in ("auto", "never") or Path(t.resume).exists(), "train.resume", t.resume,
+           "auto | never | an existing checkpoint path")
+    _choice(cfg, "deepspeed.zero_stage", (0, 1, 2))
+    for key in ("eval.every", "eval.num_samples", "eval.reference_samples"):
+        _positive(cfg, key, strict=False)
+    _positive(cfg, "eval.batch_size")
+    for metric in cfg.eval.metrics:
+        _check(metric in ("isc", "fid", "kid"), "eval.metrics", list(cfg.eval.metrics), "isc | fid | kid")

@@ -1,0 +1,53 @@
+"""SAGAN self-attention (Zhang et al. 2018, section 3) on scaled_dot_product_attention.
+
+For every query position i the output is ``o_i = sum_j softmax_j(f(x_i) . g(x_j)) h(x_j)``: the
+weights over key positions j sum to 1. (The widely copied ``bmm(h, softmax(f^T g))`` normalises
+over the query axis instead.) The paper applies no 1/sqrt(d) scaling, so neither do we.
+
+Why the padding below: PyTorch's fused attention kernels (flash / memory-efficient) need equal
+head sizes for q/k and v and a contiguous last dimension on every input; otherwise SDPA silently
+falls back to the math path, which materialises the N x N matrix (3.1 GB at a 128x128 map). Query
+and key have channels//8 features and value channels//2, so q and k are zero-padded to the value's
+size: the zero features add nothing to any dot product, and the kernel stays fused.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sagan_dist.models.layers import sn_conv
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, channels: int, pool: bool = False, init: str = "ortho",
+                 resolution: int = 0) -> None:
+        super().__init__()
+        if channels < 8 or channels % 8:
+            raise ValueError(f"SelfAttention needs channels divisible by 8, got {channels}")
+        self.pool = pool
+        self.resolution = resolution  # feature-map size, for activation checkpointing
+        self.query = sn_conv(channels, channels // 8, 1, init)
+        self.key = sn_conv(channels, channels // 8, 1, init)
+        self.value = sn_conv(channels, channels // 2, 1, init)
+        self.out = sn_conv(channels // 2, channels, 1, init)
+        self.gamma = nn.Parameter(torch.zeros(()))
+
+    def attend(self, x: torch.Tensor) -> torch.Tensor:
+        """The attention output ``o`` before the output conv: (B, channels//2, H, W)."""
+        b, _, h, w = x.shape
+        q, k, v = self.query(x), self.key(x), self.value(x)
+        if self.pool:
+            k, v = F.max_pool2d(k, 2), F.max_pool2d(v, 2)
+        q, k, v = (_tokens(t) for t in (q, k, v))  # (B, 1, N, C') with contiguous last dim
+        pad = v.shape[-1] - q.shape[-1]
+        q, k = F.pad(q, (0, pad)), F.pad(k, (0, pad))
+        o = F.scaled_dot_product_attention(q, k, v, scale=1.0)
+        return o.squeeze(1).transpose(1, 2).reshape(b, -1, h, w)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.gamma.to(x.dtype) * self.out(self.attend(x))
+
+
+def _tokens(t: torch.Tensor) -> torch.Tensor:
+    return t.flatten(2).transpose(1, 2).unsqueeze(1).contiguous()
