@@ -1,0 +1,64 @@
+"""The interface the training loop talks to: one network with its optimizer and precision policy.
+
+The loop holds two engines, G and D, and only ever calls what is below; DDP and DeepSpeed each
+implement it. Engines know nothing of GAN losses: the loop computes a loss and hands it over.
+"""
+from __future__ import annotations
+
+import contextlib
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ContextManager
+
+import torch
+from torch import nn
+
+PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class StepResult:
+    applied: bool  # False: non-finite gradients, the update was skipped
+    grad_norm: float
+
+
+class Engine(ABC):
+    module: nn.Module  # what to call in training (a DDP or DeepSpeed wrapper)
+    raw: nn.Module  # the plain model inside (for EMA, sampling, and calls that must not sync)
+    device: torch.device
+    precision: str
+
+    def autocast(self) -> ContextManager:
+        """Mixed-precision context for forward passes (identity in fp32)."""
+        if self.precision == "fp32":
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=PRECISION_DTYPES[self.precision])
+
+    @abstractmethod
+    def accumulating(self, last: bool) -> ContextManager:
+        """Around one micro-batch's forward+backward; gradients are synchronised only if ``last``."""
+
+    @abstractmethod
+    def zero_grad(self) -> None: ...
+
+    @abstractmethod
+    def backward(self, loss: torch.Tensor) -> None: ...
+
+    @abstractmethod
+    def step(self) -> StepResult:
+        """Clip, check for non-finite gradients (skipping the update if any), and update."""
+
+    @abstractmethod
+    def lr(self) -> float: ...
+
+    @abstractmethod
+    def save(self, path: Path) -> None:
+        """Collective: every rank calls it; writes this network's weights and optimizer state."""
+
+    @abstractmethod
+    def load(self, path: Path) -> None:
+        """Collective: restore what `save` wrote; raises if it is missing or unreadable."""
+
+    def set_requires_grad(self, flag: bool) -> None:
+        self.raw.requires_grad_(flag)
