@@ -3,9 +3,10 @@
 Wrapping replaces a block's ``forward`` on the instance instead of nesting it in a wrapper module,
 so state-dict keys (and checkpoints) are the same with checkpointing on or off.
 
-The recomputation must not change state a second time: while it runs, BatchNorm layers stop
-tracking running statistics (they still normalise with the batch statistics, exactly as in the
-first forward) and spectral norm reuses its u/v instead of advancing the power iteration.
+The recomputation must not change state a second time: while it runs, BatchNorm layers update
+their running statistics with momentum 0 (unchanged, bit for bit; turning tracking off instead
+would save fewer tensors and fail checkpoint's recomputation check) and get their batch counter
+back, and spectral norm reuses its u/v instead of advancing the power iteration.
 Non-reentrant checkpointing also restores the RNG state, so dropout would replay identically.
 """
 from __future__ import annotations
@@ -26,16 +27,19 @@ from sagan_dist.models.layers import DBlock, GBlock, SpectralNorm
 def _recomputing(block: nn.Module) -> Iterator[None]:
     norms = [m for m in block.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     sns = [m for m in block.modules() if isinstance(m, SpectralNorm)]
-    tracked = [m.track_running_stats for m in norms]
+    saved = [(m.momentum, m.num_batches_tracked.clone() if m.num_batches_tracked is not None else None)
+             for m in norms]
     for m in norms:
-        m.track_running_stats = False
+        m.momentum = 0.0
     for m in sns:
         m.recomputing = True
     try:
         yield
     finally:
-        for m, t in zip(norms, tracked):
-            m.track_running_stats = t
+        for m, (momentum, count) in zip(norms, saved):
+            m.momentum = momentum
+            if count is not None:
+                m.num_batches_tracked.copy_(count)
         for m in sns:
             m.recomputing = False
 
