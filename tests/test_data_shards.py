@@ -1,0 +1,187 @@
+"""make-shards: an ImageFolder tree with bad files -> shards, index, report; resumable after SIGKILL."""
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from sagan_dist import cli
+from sagan_dist.data.shards import main as make_shards, parse_size
+
+REPO = Path(__file__).resolve().parent.parent
+CLASSES = ["n01440764", "n01443537", "n01484850"]
+PER_CLASS = 8
+SHORT_SIDE = 48
+
+
+def _jpeg(rng: np.random.Generator, w: int, h: int, mode: str = "RGB") -> bytes:
+    img = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).convert(mode)
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=90)
+    return buf.getvalue()
+
+
+def make_tree(root: Path, seed: int = 0) -> dict[str, list[str]]:
+    """3 classes x 8 images (sizes both sides of SHORT_SIDE, grayscale, CMYK, PNG) plus bad files.
+
+    Returns the relative paths of the good images per class, and of the bad and ignored files.
+    """
+    rng = np.random.default_rng(seed)
+    good: list[str] = []
+    for c, name in enumerate(CLASSES):
+        (root / name).mkdir(parents=True)
+        for i in range(PER_CLASS):
+            rel = f"{name}/{name}_{i}.JPEG"
+            mode = {0: "L", 1: "CMYK"}.get(i, "RGB") if c == 0 else "RGB"
+            (root / rel).write_bytes(_jpeg(rng, int(rng.integers(30, 90)), int(rng.integers(30, 90)), mode))
+            good.append(rel)
+    png = Image.fromarray(rng.integers(0, 256, (60, 70, 4), dtype=np.uint8), "RGBA")
+    png.save(root / CLASSES[1] / "alpha.png")
+    good.append(f"{CLASSES[1]}/alpha.png")
+    (root / CLASSES[0] / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    truncated = _jpeg(rng, 80, 60)
+    (root / CLASSES[2] / "truncated.JPEG").write_bytes(truncated[: len(truncated) // 2])
+    (root / CLASSES[2] / "README.txt").write_text("not an image")
+    return {"good": good, "bad": [f"{CLASSES[0]}/corrupt.jpg", f"{CLASSES[2]}/truncated.JPEG"],
+            "ignored": [f"{CLASSES[2]}/README.txt"]}
+
+
+def read_shards(out: Path, split: str = "train") -> list[dict[str, bytes]]:
+    """Every sample of every final shard, grouped by key (tarfile, not webdataset: independent)."""
+    samples: list[dict[str, bytes]] = []
+    for path in sorted(out.glob(f"{split}-*.tar")):
+        by_key: dict[str, dict[str, bytes]] = {}
+        with tarfile.open(path) as tar:
+            for member in tar.getmembers():
+                key, ext = member.name.split(".", 1)
+                by_key.setdefault(key, {"__key__": key.encode(), "__shard__": path.name.encode()})[ext] = \
+                    tar.extractfile(member).read()
+        samples.extend(by_key.values())
+    return samples
+
+
+def test_make_shards_writes_every_readable_image_once_with_its_class(tmp_path: Path) -> None:
+    files = make_tree(tmp_path / "src")
+    out = tmp_path / "out"
+    rc = cli.main(["make-shards", str(tmp_path / "src"), str(out), "--per-shard", "5",
+                   "--short-side", str(SHORT_SIDE), "--workers", "2"])
+    assert rc == 0
+    assert json.loads((out / "classes.json").read_text()) == {n: i for i, n in enumerate(CLASSES)}
+    index = json.loads((out / "train-index.json").read_text())
+    n_files = len(files["good"]) + len(files["bad"])
+    assert len(index["shards"]) == -(-n_files // 5) and index["pattern"] == "train-{000000..000005}.tar"
+    assert index["total"] == len(files["good"]) and index["skipped"] == 2 and index["ignored"] == 1
+
+    samples = read_shards(out)
+    assert len(samples) == len({s["__key__"] for s in samples}) == len(files["good"])
+    counts = {s["__shard__"].decode(): 0 for s in samples}
+    for s in samples:
+        counts[s["__shard__"].decode()] += 1
+    assert counts == {sh["name"]: sh["samples"] for sh in index["shards"] if sh["samples"]}
+    assert sorted(json.loads(s["json"])["path"] for s in samples) == sorted(files["good"])
+    for s in samples:
+        meta = json.loads(s["json"])
+        assert int(s["cls"]) == CLASSES.index(meta["class"]) == CLASSES.index(meta["path"].split("/")[0])
+        with Image.open(io.BytesIO(s["jpg"])) as img:
+            assert img.format == "JPEG" and img.mode in ("RGB", "L")
+            # downscaled to the short side, never upscaled
+            assert min(img.size) == min(SHORT_SIDE, min(meta["size"]))
+
+    report = (out / "train-skipped.tsv").read_text().splitlines()
+    assert report[0] == "path\terror"
+    assert sorted(line.split("\t")[0] for line in report[1:]) == sorted(files["bad"])
+    assert not list(out.rglob("*.partial"))
+
+
+def test_keep_original_stores_the_original_bytes(tmp_path: Path) -> None:
+    files = make_tree(tmp_path / "src", seed=1)
+    out = tmp_path / "out"
+    assert make_shards([str(tmp_path / "src"), str(out), "--keep-original",
+                     "--per-shard", "100", "--workers", "1", "--split", "val"]) == 0
+    samples = read_shards(out, "val")
+    assert len(samples) == len(files["good"])
+    for s in samples:
+        rel = json.loads(s["json"])["path"]
+        stored = s.get("jpg", s.get("png"))
+        assert stored == (tmp_path / "src" / rel).read_bytes()
+
+
+def test_rerun_reuses_complete_shards_and_refuses_other_options(tmp_path: Path, capsys) -> None:
+    make_tree(tmp_path / "src")
+    out = tmp_path / "out"
+    args = [str(tmp_path / "src"), str(out), "--per-shard", "7", "--workers", "1"]
+    assert make_shards(args) == 0
+    before = {p.name: p.stat().st_mtime_ns for p in out.glob("train-*.tar")}
+    capsys.readouterr()
+    assert make_shards(args) == 0
+    assert "4 already complete, 0 to write" in capsys.readouterr().out
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("train-*.tar")} == before
+    assert make_shards(args[:-4] + ["--per-shard", "8", "--workers", "1"]) == 2
+    assert "per_shard: 7 then, 8 now" in capsys.readouterr().err
+
+
+def test_shard_size_sets_samples_per_shard_from_encoded_sizes(tmp_path: Path) -> None:
+    assert parse_size("1GB") == 1e9 and parse_size("512MiB") == 512 * 2**20 and parse_size("300kb") == 3e5
+    with pytest.raises(Exception, match="not a size"):
+        parse_size("lots")
+    make_tree(tmp_path / "src")
+    out = tmp_path / "out"
+    assert make_shards([str(tmp_path / "src"), str(out), "--shard-size", "40KB",
+                     "--short-side", str(SHORT_SIDE), "--workers", "1"]) == 0
+    sizes = [p.stat().st_size for p in sorted(out.glob("train-*.tar"))[:-1]]  # the last one is a rest
+    assert len(sizes) >= 2 and all(20e3 < s < 60e3 for s in sizes), sizes
+
+
+def _stats_done(out: Path) -> int:
+    return len([p for p in (out / ".train-parts").glob("0*.json")])
+
+
+def test_writer_killed_with_sigkill_resumes_without_duplicates(tmp_path: Path) -> None:
+    files = make_tree(tmp_path / "src")
+    # A FIFO with an image's name: the worker that opens it blocks (a hung read), so the kill below
+    # lands for certain while one shard is half-written and the others are done.
+    stuck = tmp_path / "src" / CLASSES[1] / "zz_hung.JPEG"
+    os.mkfifo(stuck)
+    out = tmp_path / "out"
+    args = [str(tmp_path / "src"), str(out), "--per-shard", "4", "--short-side", str(SHORT_SIDE), "--workers", "2"]
+    cmd = [sys.executable, "-c", "import sys; from sagan_dist.data.shards import main; sys.exit(main(sys.argv[1:]))", *args]
+    n_shards = -(-(len(files["good"]) + len(files["bad"]) + 1) // 4)
+    proc = subprocess.Popen(cmd, cwd=REPO, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 60
+        while _stats_done(out) < n_shards - 1:
+            assert proc.poll() is None, proc.stderr.read().decode()
+            assert time.monotonic() < deadline, "the writer did not get to the hung shard"
+            time.sleep(0.05)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the writer and its worker processes
+        proc.wait()
+    finals = sorted(out.glob("train-*.tar"))
+    assert len(finals) == n_shards - 1  # the hung shard is not under its final name ...
+    assert list(out.glob(".train-*.partial"))  # ... only under its temporary one
+    for path in finals:  # and what is under a final name is a complete tar
+        with tarfile.open(path) as tar:
+            assert len(tar.getmembers()) % 3 == 0
+    kept = {p.name: p.stat().st_mtime_ns for p in finals}
+
+    stuck.unlink()
+    stuck.write_bytes(_jpeg(np.random.default_rng(5), 64, 64))
+    assert make_shards(args) == 0
+    assert {name: (out / name).stat().st_mtime_ns for name in kept} == kept  # not rewritten
+    samples = read_shards(out)
+    paths = [json.loads(s["json"])["path"] for s in samples]
+    assert len(paths) == len(set(paths)) == len(files["good"]) + 1
+    assert set(paths) == set(files["good"]) | {f"{CLASSES[1]}/zz_hung.JPEG"}
+    assert json.loads((out / "train-index.json").read_text())["total"] == len(paths)
+    assert not list(out.rglob("*.partial"))
