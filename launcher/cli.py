@@ -144,7 +144,9 @@ def _run_deepspeed(args: argparse.Namespace) -> int:
         print(f"sagan-launch deepspeed: note: the config's engine is {cfg.engine!r}; "
               "add engine=deepspeed for DeepSpeed's engine", file=sys.stderr)
     port = args.master_port or local.free_port()
-    cmd = local.deepspeed_command(args.hostfile, args.nproc, args.nnodes, args.master_addr, port, args.items)
+    single_host = len(hosts) == 1 or args.nnodes == 1
+    cmd = local.deepspeed_command(args.hostfile, args.nproc, args.nnodes, args.master_addr, port, args.items,
+                                  single_host)
     return _start(cmd, args.print_command)
 
 

@@ -7,6 +7,7 @@ cluster, or the Kubeflow CRDs a flavour needs.
 """
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 from typing import Sequence
@@ -20,6 +21,7 @@ KINDS = {
     "pytorchjob": ["pytorchjobs.kubeflow.org"],
     "indexed-job": ["jobs.batch", "services"],
 }
+KLOG_LINE = re.compile(r"^[IWEF]\d{4} \d\d:\d\d:\d\d")
 CRD_HINTS = {
     "TrainJob": "install Kubeflow Trainer v2 (https://www.kubeflow.org/docs/components/trainer/)",
     "TrainingRuntime": "install Kubeflow Trainer v2 (https://www.kubeflow.org/docs/components/trainer/)",
@@ -47,13 +49,14 @@ def run_kubectl(args: Sequence[str], namespace: str | None = None, stdin: str | 
 
 def _explain(args: Sequence[str], stderr: str) -> str:
     first = f"kubectl {args[0]} failed"
-    text = stderr.strip()
+    # Drop client-go's repeated klog lines ("E1125 11:00:12.597 ... memcache.go"); keep kubectl's own.
+    text = "\n".join(line for line in stderr.strip().splitlines() if not KLOG_LINE.match(line))
     if "no matches for kind" in text:
         kind = next((k for k in CRD_HINTS if f'kind "{k}"' in text), "")
         return f"{first}: the cluster does not know {kind or 'a kind we use'}; {CRD_HINTS.get(kind, '')}\n{text}"
-    unreachable = ("connection refused", "Unable to connect", "no configuration has been provided",
-                   "dial tcp", "i/o timeout", "server could not find the requested resource")
-    if any(u in text for u in unreachable):
+    unreachable = ("connection refused", "was refused", "Unable to connect", "no configuration has been provided",
+                   "dial tcp", "i/o timeout", "no such host")
+    if any(u in stderr for u in unreachable):
         return (f"{first}: no reachable Kubernetes cluster (check `kubectl config current-context` "
                 f"and KUBECONFIG)\n{text}")
     return f"{first}:\n{text}"

@@ -94,17 +94,22 @@ def deepspeed_world_size(hosts: list[tuple[str, int]], nproc: int, nnodes: int) 
 
 
 def deepspeed_command(hostfile: Path, nproc: int, nnodes: int, master_addr: str, master_port: int,
-                      train_items: Sequence[str]) -> list[str]:
+                      train_items: Sequence[str], single_host: bool = False) -> list[str]:
     """``python -m deepspeed.launcher.runner ... --module sagan_dist.cli train ...``.
 
     ``--no_local_rank``: the trainer reads LOCAL_RANK from the environment, and its argument
-    parser would reject the ``--local_rank=N`` the runner appends otherwise.
+    parser would reject the ``--local_rank=N`` the runner appends otherwise. With one host the
+    runner starts the processes here, so its ssh probe of that host is skipped and the
+    rendezvous is on 127.0.0.1.
     """
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--hostfile", str(hostfile)]
     if nproc > 0:
         cmd += ["--num_gpus", str(nproc)]
     if nnodes > 0:
         cmd += ["--num_nodes", str(nnodes)]
+    if single_host:
+        cmd += ["--no_ssh_check"]
+        master_addr = master_addr or "127.0.0.1"
     if master_addr:
         cmd += ["--master_addr", master_addr]
     return [*cmd, "--master_port", str(master_port), "--no_local_rank", *TRAIN, *train_items]

@@ -266,7 +266,7 @@ def _trainjob(spec: JobSpec, flavor: str) -> list[Manifest]:
             # they resume from the newest snapshot (a lone restarted rank could not rejoin).
             "backoffLimit": 0,
             "podFailurePolicy": {"rules": [
-                {"action": "FailJob", "onPodConditions": [{"type": "DisruptionTarget"}]}]},
+                {"action": "FailJob", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]}]},
             "template": {"metadata": {"labels": labels(spec, flavor)},
                          "spec": _pod_spec(spec, container, "Never")},
         },
@@ -382,7 +382,7 @@ def _indexed_job(spec: JobSpec, flavor: str) -> list[Manifest]:
             "backoffLimit": spec.max_restarts * spec.nodes,
             # Preempted or evicted pods are replaced without counting as failures.
             "podFailurePolicy": {"rules": [
-                {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]}]},
+                {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]}]},
             "template": {
                 "metadata": {"labels": labels(spec, flavor)},
                 "spec": _pod_spec(spec, container, "Never", subdomain=spec.name),
