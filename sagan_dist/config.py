@@ -102,13 +102,17 @@ class DeepSpeedConfig:
 
 @dataclass
 class TrackingConfig:
+    # MLflow on rank 0. Records are journaled in <run_dir>/tracking and sent by a background thread,
+    # so an unreachable server never stalls training; `sagan-dist sync RUN_DIR` sends what is left.
     enabled: bool = True
     uri: str = ""  # "" -> $MLFLOW_TRACKING_URI -> MLflow's default, sqlite:///mlflow.db
     experiment: str = "sagan-dist"
-    run_name: str = ""
-    log_every: int = 20
-    log_checkpoints: bool = False
-    system_metrics: bool = False
+    run_name: str = ""  # "" -> the run directory's name
+    log_checkpoints: bool = False  # upload each snapshot as artifacts checkpoints/step-*
+    system_metrics: bool = False  # CPU / memory / disk / network / GPU as system/* metrics
+    system_metrics_interval_s: float = 10.0
+    retry_s: float = 30.0  # while the server is unreachable, seconds between delivery attempts
+    close_timeout_s: float = 60.0  # at the end of training, the longest wait for delivery
 
 
 @dataclass
@@ -260,6 +264,11 @@ def validate(cfg: DictConfig, world_size: int = 1) -> None:
     _check(t.resume in ("auto", "never") or Path(t.resume).exists(), "train.resume", t.resume,
            "auto | never | an existing checkpoint path")
     _choice(cfg, "deepspeed.zero_stage", (0, 1, 2))
+    _check(bool(cfg.tracking.experiment.strip()), "tracking.experiment", cfg.tracking.experiment,
+           "a non-empty MLflow experiment name")
+    for key in ("tracking.system_metrics_interval_s", "tracking.retry_s"):
+        _positive(cfg, key)
+    _positive(cfg, "tracking.close_timeout_s", strict=False)
     for key in ("eval.every", "eval.num_samples", "eval.reference_samples"):
         _positive(cfg, key, strict=False)
     _positive(cfg, "eval.batch_size")
