@@ -118,13 +118,21 @@ class TrackingConfig:
 @dataclass
 class EvalConfig:
     every: int = 0  # steps between IS/FID/KID evaluations in training; 0 = off
-    num_samples: int = 10000
-    batch_size: int = 100
+    num_samples: int = 10000  # generated images, spread evenly over the classes and the ranks
+    batch_size: int = 100  # per rank for generation; Inception batch on rank 0
     metrics: list[str] = field(default_factory=lambda: ["isc", "fid", "kid"])
-    inception_weights: str = ""  # local path to torch-fidelity's Inception weights (offline)
-    reference_samples: int = 10000
+    # Local path to torch-fidelity's Inception weights (weights-inception-2015-12-05-6726825d.pth);
+    # "" -> torch hub's cache, downloaded there if missing (impossible on an offline cluster).
+    inception_weights: str = ""
+    reference_samples: int = 10000  # real images for the reference statistics (center crop, no flip)
     cache_dir: str = ""  # "" -> <run_dir>/fidelity-cache
-    truncation: float = 0.0
+    truncation: float = 0.0  # redraw |z| > truncation; 0 = off
+    # Latents and labels of the samples: fixed, so every evaluation of a run (and `sagan-dist
+    # evaluate`, on any number of processes) scores the same z.
+    seed: int = 0
+    isc_splits: int = 10
+    kid_subsets: int = 100
+    kid_subset_size: int = 1000  # capped at num_samples and reference_samples
 
 
 @dataclass
@@ -269,8 +277,14 @@ def validate(cfg: DictConfig, world_size: int = 1) -> None:
     for key in ("tracking.system_metrics_interval_s", "tracking.retry_s"):
         _positive(cfg, key)
     _positive(cfg, "tracking.close_timeout_s", strict=False)
-    for key in ("eval.every", "eval.num_samples", "eval.reference_samples"):
+    e = cfg.eval
+    for key in ("eval.every", "eval.truncation"):
         _positive(cfg, key, strict=False)
-    _positive(cfg, "eval.batch_size")
-    for metric in cfg.eval.metrics:
-        _check(metric in ("isc", "fid", "kid"), "eval.metrics", list(cfg.eval.metrics), "isc | fid | kid")
+    for key in ("eval.num_samples", "eval.reference_samples", "eval.batch_size", "eval.isc_splits",
+                "eval.kid_subsets"):
+        _positive(cfg, key)
+    _check(len(e.metrics) > 0 and all(m in ("isc", "fid", "kid") for m in e.metrics), "eval.metrics",
+           list(e.metrics), "a non-empty list of isc | fid | kid")
+    _check("isc" not in e.metrics or e.isc_splits <= e.num_samples, "eval.isc_splits", e.isc_splits,
+           f"<= eval.num_samples = {e.num_samples} (each split needs samples)")
+    _check(e.kid_subset_size >= 2, "eval.kid_subset_size", e.kid_subset_size, ">= 2")

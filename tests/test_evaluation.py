@@ -1,0 +1,228 @@
+"""IS / FID / KID: offline weights, sample shares, the reference cache, and `sagan-dist evaluate`
+on one and two processes.
+
+There is no internet here, so the Inception weights are a randomly initialised network in the
+format torch-fidelity loads (its own FeatureExtractorInceptionV3, saved as a state dict): the
+metric values mean nothing, but every step torch-fidelity takes with the real file is taken.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
+
+from sagan_dist import checkpoint, config
+from sagan_dist.config import ConfigError
+from sagan_dist.data import prepare_data
+from sagan_dist.dist import DistInfo
+from sagan_dist.evaluation import (INCEPTION_FILE, INCEPTION_URL, Evaluator, InceptionWeightsError,
+                                   check_inception_weights, frechet_distance, read_reference_images,
+                                   resolve_inception_weights, sample_latents, share_indices)
+from sagan_dist.models.sagan import build_models
+
+ROOT = Path(__file__).resolve().parent.parent
+SAMPLES = 12  # Inception at 299 px costs ~0.5 CPU-s per image here: keep the sets small
+CPU = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+
+
+class _UnloadedInception(FeatureExtractorInceptionV3):
+    """torch-fidelity's network with its random initialisation: loading is skipped."""
+
+    def load_state_dict(self, state_dict, strict=True, assign=False):  # noqa: ANN001 - torch's signature
+        return None
+
+
+@pytest.fixture(scope="module")
+def inception_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("inception")
+    empty = folder / "empty.pt"
+    torch.save({}, empty)
+    torch.manual_seed(0)
+    net = _UnloadedInception("inception-v3-compat", ["2048"], feature_extractor_weights_path=str(empty))
+    for m in net.modules():  # He init, so that features do not vanish through 90-odd layers
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+    path = folder / "random-inception.pth"
+    torch.save(net.state_dict(), path)
+    return path
+
+
+def eval_config(run_dir: Path, weights: Path | str, *overrides: str):
+    return config.load(["demo"], [
+        f"train.run_dir={run_dir}", f"eval.inception_weights={weights}", f"eval.num_samples={SAMPLES}",
+        f"eval.reference_samples={SAMPLES}", "eval.batch_size=8", "eval.isc_splits=2",
+        "eval.kid_subsets=10", "model.g_channels=8", "model.d_channels=8", *overrides])
+
+
+def tiny_generator(cfg) -> nn.Module:
+    torch.manual_seed(0)
+    return build_models(cfg)[0].eval()
+
+
+# ---- offline weights ------------------------------------------------------------------------
+def test_missing_weights_file_error_names_the_file_its_url_and_the_key(tmp_path):
+    cfg = eval_config(tmp_path, tmp_path / "nowhere" / INCEPTION_FILE, "eval.every=100")
+    with pytest.raises(InceptionWeightsError) as err:
+        Evaluator(cfg, CPU, "unused-because-the-weights-fail-first", tmp_path)
+    message = str(err.value)
+    assert INCEPTION_FILE in message and INCEPTION_URL in message
+    assert "eval.inception_weights=" in message and str(tmp_path / "nowhere") in message
+
+
+def test_unset_weights_that_cannot_be_downloaded_say_what_to_do(tmp_path):
+    # Port 9 (discard) on loopback refuses the connection at once: a real, offline download failure.
+    with pytest.raises(InceptionWeightsError) as err:
+        resolve_inception_weights("", hub_dir=tmp_path, url=f"http://127.0.0.1:9/{INCEPTION_FILE}")
+    message = str(err.value)
+    assert "downloading it failed" in message and INCEPTION_URL in message
+    assert f"eval.inception_weights=/path/to/{INCEPTION_FILE}" in message
+    assert not (tmp_path / "checkpoints" / INCEPTION_FILE).exists()  # no partial file left behind
+
+
+def test_weights_in_torch_hub_cache_are_used_without_download(tmp_path):
+    cached = tmp_path / "checkpoints" / INCEPTION_FILE
+    cached.parent.mkdir()
+    cached.write_bytes(b"x")
+    assert resolve_inception_weights("", hub_dir=tmp_path, url="http://127.0.0.1:9/never") == cached
+
+
+def test_a_file_that_is_not_the_inception_network_is_rejected(tmp_path):
+    wrong = tmp_path / "resnet.pth"
+    torch.save({"fc.weight": torch.zeros(3, 3)}, wrong)
+    with pytest.raises(InceptionWeightsError, match="is not a torch-fidelity Inception state dict"):
+        check_inception_weights(wrong)
+
+
+# ---- FID ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("n", [20, 300])  # fewer samples than dimensions, and more
+def test_frechet_distance_equals_torch_fidelity_fid(n):
+    rng = np.random.default_rng(n)
+    mix = rng.normal(size=(48, 48))  # correlated features, as Inception's are
+    generated = (rng.normal(size=(n, 48)) @ mix).astype(np.float32)
+    reference = (rng.normal(0.3, 1.2, size=(400, 48)) @ mix).astype(np.float32)
+    ref = fid_features_to_statistics(torch.from_numpy(reference))
+    expected = fid_statistics_to_metric(fid_features_to_statistics(torch.from_numpy(generated)), ref, False)
+    fid = frechet_distance(generated, ref["mu"], ref["sigma"])
+    assert fid == pytest.approx(expected["frechet_inception_distance"], rel=1e-6)
+    assert frechet_distance(reference, ref["mu"], ref["sigma"]) == pytest.approx(0, abs=1e-6)
+
+
+# ---- samples --------------------------------------------------------------------------------
+@pytest.mark.parametrize("n, world", [(16, 1), (16, 2), (17, 2), (10, 3), (5, 8)])
+def test_rank_shares_cover_every_sample_once_with_equal_lengths(n, world):
+    shares = [share_indices(n, world, r) for r in range(world)]
+    assert len({len(s) for s in shares}) == 1  # equal shares: every rank joins every all_gather
+    real = torch.cat(shares)
+    assert sorted(real[real < n].tolist()) == list(range(n))
+
+
+def test_latents_are_fixed_by_the_seed_and_classes_evenly_spread():
+    z, y = sample_latents(23, 24, 8, 10, truncation=1.0, seed=3)
+    z2, _ = sample_latents(23, 24, 8, 10, truncation=1.0, seed=3)
+    z3, _ = sample_latents(23, 24, 8, 10, truncation=1.0, seed=4)
+    assert torch.equal(z, z2) and not torch.equal(z[:23], z3[:23])
+    assert z[:23].abs().max() <= 1.0 and not z[23:].any()  # truncation; padding rows are zero
+    counts = torch.bincount(y[:23], minlength=10)
+    assert counts.max() - counts.min() <= 1
+
+
+@pytest.mark.parametrize("override, key", [
+    ("eval.isc_splits=20", "eval.isc_splits"),
+    ("eval.metrics=[]", "eval.metrics"),
+    ("eval.metrics=[fid,prc]", "eval.metrics"),
+    ("eval.kid_subset_size=1", "eval.kid_subset_size"),
+    ("eval.num_samples=0", "eval.num_samples"),
+])
+def test_impossible_eval_settings_are_config_errors(tmp_path, override, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        eval_config(tmp_path, "w.pth", override)
+
+
+def test_reference_images_are_center_cropped_uint8_at_the_model_resolution(tmp_path):
+    cfg = eval_config(tmp_path, "w.pth", "data.flip=true", "data.crop=random")
+    shards = prepare_data(cfg, tmp_path)
+    first, again = (read_reference_images(cfg, shards, 20) for _ in range(2))
+    assert first.shape == (20, 3, 32, 32) and first.dtype == torch.uint8
+    assert torch.equal(first, again)  # no random crop or flip, whatever the run trains with
+
+
+# ---- the evaluator, as the Trainer calls it -------------------------------------------------
+def test_evaluator_scores_and_a_new_one_reuses_the_cached_reference(tmp_path, inception_weights):
+    cfg = eval_config(tmp_path / "run", inception_weights, "eval.every=10")
+    shards = prepare_data(cfg, tmp_path / "run")
+    g = tiny_generator(cfg).train()
+
+    first = Evaluator(cfg, CPU, shards, tmp_path / "run")
+    metrics = first(g, step=10)
+    assert set(metrics) == {"isc", "isc_std", "fid", "kid", "kid_std"}
+    assert all(math.isfinite(v) for v in metrics.values()) and metrics["fid"] > 0
+    assert first.last_num_samples == SAMPLES and first.reference.loads == 1
+    assert g.training  # the caller's mode is restored
+    cache = sorted((tmp_path / "run" / "fidelity-cache").glob(f"{first.cache_name}*"))
+    assert any(p.name.endswith(".json") for p in cache) and len(cache) >= 3
+    stamps = {p: p.stat().st_mtime_ns for p in cache}
+
+    second = Evaluator(cfg, CPU, shards, tmp_path / "run")  # as after a restart
+    again = second(g, step=20)
+    assert second.reference.loads == 0 and not second.last_reference_computed
+    assert {p: p.stat().st_mtime_ns for p in cache} == stamps
+    assert again == pytest.approx(metrics)  # same z, same reference
+
+
+# ---- `sagan-dist evaluate` ------------------------------------------------------------------
+def _snapshot(run_dir: Path, weights: Path) -> Path:
+    cfg = eval_config(run_dir, weights)
+    g = tiny_generator(cfg)
+    state = {"step": 7, "images_seen": 448, "skipped_steps": 0, "best_fid": math.inf,
+             "G_ema": g.state_dict(), "config": config.to_container(cfg), "tracking_run_id": None,
+             "rng": {"torch": torch.get_rng_state()}}
+    return checkpoint.save(run_dir, 7, state, {}, keep=3, is_main=True)
+
+
+def _evaluate(snapshot: Path, out: Path, processes: int, *overrides: str) -> dict:
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                f"--nproc-per-node={processes}"] if processes > 1 else [sys.executable]
+    cmd = [*launcher, "-m", "sagan_dist.cli", "evaluate", str(snapshot), *overrides, "--json", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "2", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
+@pytest.mark.slow
+def test_cli_evaluates_on_two_processes_like_on_one_and_reuses_the_cache(tmp_path, inception_weights):
+    snapshot = _snapshot(tmp_path / "run", inception_weights)
+    weights = f"eval.inception_weights={inception_weights}"
+
+    two = _evaluate(snapshot, tmp_path / "two.json", 2, weights)
+    assert two["processes"] == 2 and two["step"] == 7 and two["num_samples"] == SAMPLES
+    assert two["reference"] == "computed" and two["reference_samples"] == SAMPLES
+    assert all(math.isfinite(two[k]) for k in ("isc", "isc_std", "fid", "kid", "kid_std"))
+    cache = sorted(Path(two["cache"]).parent.glob(Path(two["cache"]).name + "*"))
+    stamps = {p: p.stat().st_mtime_ns for p in cache}
+
+    again = _evaluate(snapshot, tmp_path / "again.json", 2, weights)
+    assert again["reference"] == "cached" and {p: p.stat().st_mtime_ns for p in cache} == stamps
+
+    # The same z by global index on any number of processes: one process scores the same images.
+    one = _evaluate(snapshot, tmp_path / "one.json", 1, weights)
+    assert one["processes"] == 1 and one["reference"] == "cached"
+    for k in ("isc", "fid", "kid"):
+        assert one[k] == pytest.approx(two[k], rel=1e-5)
+
+
+def test_cli_rejects_overrides_of_the_generator(tmp_path, inception_weights):
+    from sagan_dist.cli import main
+
+    snapshot = _snapshot(tmp_path / "run", inception_weights)
+    assert main(["evaluate", str(snapshot), "model.resolution=64"]) == 2
