@@ -223,7 +223,9 @@ def _container(spec: JobSpec, name: str, command: list[str] | None, **extra: Any
     if command:
         container["command"] = command
     container.update(extra)
-    container.update(env=_env(spec), volumeMounts=_volume_mounts(), securityContext=CONTAINER_SECURITY)
+    # The image's working directory is on the read-only root; relative paths land in /tmp instead.
+    container.update(workingDir="/tmp", env=_env(spec), volumeMounts=_volume_mounts(),
+                     securityContext=CONTAINER_SECURITY)
     return container
 
 
