@@ -19,7 +19,7 @@ from omegaconf import DictConfig
 from sagan_dist import config
 from sagan_dist.config import ConfigError
 
-from launcher import LauncherError, k8s, kube, local
+from launcher import LauncherError, k8s, kube, local, split_items
 from launcher.manifests import FLAVORS
 
 ITEMS_HELP = ("YAML configs (paths, or shipped names: demo, imagenet128, imagenet256) and key=value "
@@ -116,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
 # ---- commands -----------------------------------------------------------------------------------
 def _check_config(items: Sequence[str], world_size: int) -> DictConfig:
     """Resolve the config as the trainer will, so that mistakes fail before N processes start."""
-    yamls, overrides = k8s.split_items(items)
+    yamls, overrides = split_items(items)
     if not yamls:
         raise ConfigError("no CONFIG given: name a YAML file or a shipped config such as 'demo'")
     return config.load(yamls, overrides, world_size=world_size)
@@ -151,7 +151,7 @@ def _run_deepspeed(args: argparse.Namespace) -> int:
 
 
 def _run_k8s(args: argparse.Namespace) -> int:
-    yamls, _ = k8s.split_items(args.items)
+    yamls, _ = split_items(args.items)
     name = args.name or k8s.default_name(yamls)
     spec = k8s.cluster_spec(
         name, args.image, nodes=args.nodes, gpus_per_node=args.gpus_per_node,

@@ -12,13 +12,8 @@ from typing import Sequence
 
 from sagan_dist import config
 
-from launcher import LauncherError, kube
+from launcher import LauncherError, kube, split_items
 from launcher.manifests import CONFIG_FILE, RUNS_MOUNT, JobSpec, check, render, to_yaml
-
-
-def split_items(items: Sequence[str]) -> tuple[list[str], list[str]]:
-    """CONFIG files and key=value overrides, as `sagan-dist train` splits them."""
-    return [i for i in items if "=" not in i], [i for i in items if "=" in i]
 
 
 def default_name(yamls: Sequence[str]) -> str:

@@ -59,6 +59,9 @@ def _explain(args: Sequence[str], stderr: str) -> str:
     if any(u in stderr for u in unreachable):
         return (f"{first}: no reachable Kubernetes cluster (check `kubectl config current-context` "
                 f"and KUBECONFIG)\n{text}")
+    if "field is immutable" in text:
+        return (f"{first}: a run of that name exists and its job cannot be changed in place; "
+                f"delete it first (sagan-launch delete NAME; its run directory stays) or pick another --name\n{text}")
     return f"{first}:\n{text}"
 
 

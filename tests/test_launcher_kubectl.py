@@ -52,3 +52,11 @@ def test_missing_kubeflow_crds_are_named_with_what_to_install():
               '"TrainJob" in version "trainer.kubeflow.org/v1alpha1"\nensure CRDs are installed first\n')
     message = _explain(["apply", "-f", "-"], stderr)
     assert "does not know TrainJob" in message and "Kubeflow Trainer" in message
+
+
+def test_resubmitting_a_running_name_says_how_to_proceed():
+    from launcher.kube import _explain
+
+    stderr = ('The Job "r1" is invalid: spec.template: Invalid value: core.PodTemplateSpec{...}: '
+              'field is immutable\n')
+    assert "sagan-launch delete NAME" in _explain(["apply", "-f", "-"], stderr)
