@@ -37,7 +37,8 @@ WORKDIR /opt/sagan-dist
 # Dependencies first, from pyproject.toml alone, so that code changes do not reinstall them.
 # DS_BUILD_OPS=0: DeepSpeed's CUDA ops are not compiled (the runtime image has no nvcc).
 # psycopg2 lets the MLflow server use Postgres (k8s/platform-postgres).
-COPY pyproject.toml README.md ./
+# (README.md stays out: setuptools builds without it, and the image has no use for it.)
+COPY pyproject.toml ./
 RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" \
       > /tmp/requirements.txt \
  && pip install --no-cache-dir -r /tmp/requirements.txt psycopg2-binary==2.9.13 \
