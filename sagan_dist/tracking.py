@@ -494,19 +494,13 @@ class _Courier:
 
 
 class _SystemMetrics:
-    """MLflow's system-metrics samplers (CPU, memory, disk, network, GPU) writing to the journal.
-
-    MLflow's SystemMetricsMonitor posts to the server itself and stops for good at its first
-    failed request, so only its samplers are used here. The step is seconds since the run began:
-    unique and increasing across resumes without any state to keep.
-    """
+    """CPU, memory, disk, network and GPU use as ``system/*`` metrics: sampled by MLflow's system
+    monitors, journaled like any metric. (MLflow's SystemMetricsMonitor posts to the server itself
+    and stops for good at its first failed request.) The step is seconds since the run began:
+    unique and increasing across resumes, with no state to keep."""
 
     def __init__(self, spool: Spool, notify: Callable[[], None], interval_s: float) -> None:
-        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
-
-        self.sampler = SystemMetricsMonitor(None, sampling_interval=interval_s,
-                                            tracking_uri=spool.state["uri"])
-        self.spool, self.notify = spool, notify
+        self.spool, self.notify, self.interval_s = spool, notify, interval_s
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="mlflow-system-metrics", daemon=True)
         self._thread.start()
@@ -517,9 +511,12 @@ class _SystemMetrics:
 
     def _loop(self) -> None:
         try:
-            while self._sample():
-                metrics = self.sampler.aggregate_metrics()
-                for monitor in self.sampler.monitors:
+            monitors = _system_monitors()
+            while not self._stop.wait(self.interval_s):
+                metrics: dict[str, float] = {}
+                for monitor in monitors:
+                    monitor.collect_metrics()
+                    metrics.update(monitor.aggregate_metrics())
                     monitor.clear_metrics()
                 step = (_now_ms() - self.spool.state["start_time"]) // 1000
                 self.spool.append_metrics({f"system/{k}": float(v) for k, v in metrics.items()}, step)
@@ -527,13 +524,22 @@ class _SystemMetrics:
         except Exception as e:  # a broken sampler must not take training down
             log.warning("system metrics stopped: %s: %s", type(e).__name__, e)
 
-    def _sample(self) -> bool:
-        """Collect the samples of one logging interval; False once stopped."""
-        for _ in range(self.sampler.samples_before_logging):
-            if self._stop.wait(self.sampler.sampling_interval):
-                return False
-            self.sampler.collect_metrics()
-        return True
+
+def _system_monitors() -> list[Any]:
+    from mlflow.system_metrics.metrics.cpu_monitor import CPUMonitor
+    from mlflow.system_metrics.metrics.disk_monitor import DiskMonitor
+    from mlflow.system_metrics.metrics.gpu_monitor import GPUMonitor
+    from mlflow.system_metrics.metrics.network_monitor import NetworkMonitor
+    from mlflow.system_metrics.metrics.rocm_monitor import ROCMMonitor
+
+    monitors: list[Any] = [CPUMonitor(), DiskMonitor(), NetworkMonitor()]
+    for gpu in (GPUMonitor, ROCMMonitor):
+        try:
+            monitors.append(gpu())
+            break
+        except Exception:  # no such GPU, or no driver library for it
+            continue
+    return monitors
 
 
 # ---- what the training loop uses --------------------------------------------------------------
@@ -561,6 +567,7 @@ class Tracker:
         uri = tracking_uri(cfg)
         spool = _open_spool(cfg, Path(run_dir), run_id, uri, reopen)
         tracker = cls(spool, _Courier(spool, uri, cfg.tracking.retry_s), cfg.tracking.close_timeout_s)
+        log.info("MLflow tracking to %s (run %s), journaled in %s", uri, tracker.run_id, spool.path)
         if cfg.tracking.system_metrics:
             tracker._system = _SystemMetrics(spool, tracker._courier.notify,
                                              cfg.tracking.system_metrics_interval_s)

@@ -2,7 +2,7 @@
 
 It can be stopped and started again on the same port and database, to play an outage. Test
 modules use the fixtures below (``from mlflow_server import mlflow_server, server``): one server
-per module, since one takes several seconds to start, restarted for a test if an earlier one
+for the session, since one takes several seconds to start, restarted for a test if an earlier one
 stopped it.
 """
 from __future__ import annotations
@@ -15,7 +15,7 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Optional
 
 import pytest
 
@@ -82,11 +82,17 @@ class MlflowServer:
         return self.proc is not None
 
 
+_SHARED: dict[str, MlflowServer] = {}
+
+
 @pytest.fixture(scope="module")
-def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowServer]:
-    s = MlflowServer(tmp_path_factory.mktemp("mlflow")).start()
-    yield s
-    s.stop()
+def mlflow_server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> MlflowServer:
+    """One server for the whole session, shared by every module that imports these fixtures."""
+    if "server" not in _SHARED:
+        s = MlflowServer(tmp_path_factory.mktemp("mlflow")).start()
+        request.config.add_cleanup(s.stop)
+        _SHARED["server"] = s
+    return _SHARED["server"]
 
 
 @pytest.fixture
