@@ -5,7 +5,8 @@ counters, EMA generator, config, tracking run id, RNG) and one entry per engine 
 whatever form that engine saves (a ``.pt`` file for DDP, a DeepSpeed checkpoint directory). It is
 written under ``step-00001000.tmp`` and renamed when complete, so a crash never leaves a partial
 snapshot under a final name; a snapshot that is truncated or corrupt anyway fails to load and the
-previous one is used. ``best`` is a copy of the snapshot with the best FID.
+previous one is used. ``best`` is a snapshot like the others, written when an evaluation finds
+a better FID, and never rotated away.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from typing import Any, Callable
 import torch
 
 from sagan_dist import dist
+from sagan_dist.config import ConfigError
 
 log = logging.getLogger(__name__)
 STEP_DIR = re.compile(r"^step-(\d{8})$")
@@ -51,11 +53,14 @@ def _fsync_dir(path: Path) -> None:
 
 
 def save(run_dir: Path, step: int, state: dict[str, Any], engines: dict[str, Any], keep: int,
-         is_main: bool) -> Path:
-    """Collective: every rank calls it. Returns the snapshot's final path."""
+         is_main: bool, name: str | None = None) -> Path:
+    """Collective: every rank calls it. Returns the snapshot's final path.
+
+    ``name`` defaults to ``step-<step>``; ``best`` names the best-FID snapshot.
+    """
     root = checkpoints_dir(run_dir)
-    final = root / f"step-{step:08d}"
-    tmp = root / f"step-{step:08d}.tmp"
+    name = name or f"step-{step:08d}"
+    final, tmp = root / name, root / f"{name}.tmp"
     if is_main:
         shutil.rmtree(tmp, ignore_errors=True)  # leftovers of a crash mid-save
         tmp.mkdir(parents=True)
@@ -69,9 +74,14 @@ def save(run_dir: Path, step: int, state: dict[str, Any], engines: dict[str, Any
             f.flush()
             os.fsync(f.fileno())
         _fsync_dir(tmp)
-        if final.exists():  # e.g. a preemption snapshot at a step that already has one
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        if final.exists():  # "best" again, or a preemption snapshot at a step that has one
+            old = root / f"{name}.old"
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, final)
         _fsync_dir(root)
         rotate(run_dir, keep)
     dist.barrier()
@@ -81,20 +91,6 @@ def save(run_dir: Path, step: int, state: dict[str, Any], engines: dict[str, Any
 def rotate(run_dir: Path, keep: int) -> None:
     for old in list_checkpoints(run_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
-
-
-def save_best(run_dir: Path, snapshot: Path) -> Path:
-    """Copy a snapshot to ``checkpoints/best`` atomically (rank 0 only)."""
-    root = checkpoints_dir(run_dir)
-    tmp, best = root / "best.tmp", root / "best"
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(snapshot, tmp)
-    old = root / "best.old"
-    if best.exists():
-        os.replace(best, old)
-    os.replace(tmp, best)
-    shutil.rmtree(old, ignore_errors=True)
-    return best
 
 
 def load_state(snapshot: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -107,6 +103,8 @@ def load_latest(run_dir: Path, restore: Callable[[Path], dict[str, Any]]) -> tup
     for snapshot in reversed(list_checkpoints(run_dir)):
         try:
             return snapshot, restore(snapshot)
+        except ConfigError:
+            raise  # a readable snapshot of another model: falling back would hide the mistake
         except Exception as e:  # noqa: BLE001 - any unreadable snapshot means "try the previous"
             log.warning("checkpoint %s is truncated or corrupt (%s: %s); falling back to the "
                         "previous one", snapshot, type(e).__name__, str(e).splitlines()[0][:200])

@@ -51,7 +51,7 @@ class Trainer:
         self.ema.model.to(info.device)
         self.d_loss, self.g_loss = get_losses(t.loss)
         self.step, self.images_seen, self.skipped_steps, self.bad_streak = 0, 0, 0, 0
-        self.best_fid, self._best_pending = math.inf, False
+        self.best_fid = math.inf
         self.grid_z, self.grid_y = grid_latents(cfg, info.device)
         self.stop_requested = False
         run_id = self._resume()
@@ -202,26 +202,23 @@ class Trainer:
         self.tracker.log_image(path, self.step)
 
     def evaluate(self) -> None:
+        """IS/FID/KID of the EMA generator; a better FID than ever before is kept as ``best``."""
         metrics = self.evaluator(self.ema.model, self.step)
-        if not self.info.is_main or not metrics:
-            return
-        self.tracker.log_metrics(metrics, self.step)
-        fid = metrics.get("fid")
+        if self.info.is_main and metrics:
+            self.tracker.log_metrics(metrics, self.step)
+        fid = dist.broadcast_object((metrics or {}).get("fid") if self.info.is_main else None)
         if fid is not None and fid < self.best_fid:
             self.best_fid = fid
-            self._best_pending = True
+            self.save(name="best")
 
-    def save(self) -> Path:
+    def save(self, name: str | None = None) -> Path:
         state = {"step": self.step, "images_seen": self.images_seen, "skipped_steps": self.skipped_steps,
                  "best_fid": self.best_fid, "G_ema": self.ema.state_dict(),
                  "config": config.to_container(self.cfg), "tracking_run_id": self.tracker.run_id,
                  "rng": {"torch": torch.get_rng_state()}}
         path = checkpoint.save(self.run_dir, self.step, state, {"G": self.G, "D": self.D},
-                               self.cfg.train.keep_checkpoints, self.info.is_main)
+                               self.cfg.train.keep_checkpoints, self.info.is_main, name)
         if self.info.is_main:
-            if self._best_pending:
-                checkpoint.save_best(self.run_dir, path)
-                self._best_pending = False
             if self.cfg.tracking.log_checkpoints:
                 self.tracker.log_artifact(path, f"checkpoints/{path.name}")
             log.info("snapshot %s", path)
