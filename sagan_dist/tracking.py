@@ -147,10 +147,10 @@ class Spool:
         if run_id.startswith(PENDING):
             path = root / run_id[len(PENDING):]
             return path if (path / "state.json").exists() else None
-        for state in sorted(root.glob("*/state.json")):
-            if json.loads(state.read_text()).get("run_id") == run_id:
-                return state.parent
-        return None
+        found = [p.parent for p in root.glob("*/state.json") if json.loads(p.read_text()).get("run_id") == run_id]
+        # Two journals of one run exist if records were added (an evaluation) while it trained;
+        # the training's own journal is by far the longer one.
+        return max(found, key=lambda p: (p / "records.jsonl").stat().st_size, default=None)
 
     def _try_lock(self) -> bool:
         f = open(self.path / "lock", "a")
@@ -246,7 +246,9 @@ class Spool:
                     yield record, offset
 
     def mark_delivered(self, seq: int, offset: int) -> None:
-        self.state.update(delivered=seq + 1, offset=offset, attempt=None)
+        attempt = self.state["attempt"]
+        self.state.update(delivered=seq + 1, offset=offset,
+                          attempt=attempt if attempt is not None and attempt > seq else None)
         self.save_state()
 
     def mark_attempt(self, seq: int) -> None:

@@ -194,6 +194,34 @@ def test_unreachable_at_start_is_journaled_and_sync_delivers_it(server, tmp_path
     assert {"config.yaml", "samples/step-00000004.png"} <= set(artifact_paths(client, run_id))
 
 
+def test_replay_after_losing_the_cursor_and_the_run_id_logs_nothing_twice(server, tmp_path):
+    run_dir = tmp_path / "run"
+    cfg = make_cfg(server.uri, run_dir, "replay")
+    tracker = Tracker.open(cfg, run_dir, None, MAIN)
+    tracker.log_config(cfg, MAIN)
+    log_steps(tracker, range(1, 4))
+    tracker.log_image(write_png(run_dir / "samples" / "step-00000003.png", 3), 3)
+    tracker.close("FINISHED")
+    run_id = tracker.run_id
+    # A crash right after each delivery, before its cursor was saved: everything is sent again,
+    # even the run creation, and the image was "in flight".
+    state_path = next((run_dir / "tracking").glob("*/state.json"))
+    state = json.loads(state_path.read_text())
+    image_seq = next(r["seq"] for r in map(json.loads, (state_path.parent / "records.jsonl").open())
+                     if r["kind"] == "image")
+    state.update(run_id=None, delivered=0, offset=0, attempt=image_seq)
+    state_path.write_text(json.dumps(state))
+    assert cli.main(["sync", str(run_dir)]) == 0
+
+    client = MlflowClient(server.uri)
+    exp = client.get_experiment_by_name("replay")
+    assert [r.info.run_id for r in client.search_runs([exp.experiment_id])] == [run_id]
+    assert json.loads(state_path.read_text())["run_id"] == run_id
+    assert len(client.get_metric_history(run_id, "loss_d")) == 3
+    stepped = [p for p in artifact_paths(client, run_id, "images") if p.endswith(".png")]
+    assert len(stepped) == 1 and "+step+3+" in stepped[0]
+
+
 def test_server_that_never_answers_cannot_stall_training(tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "3")
     with socket.socket() as silent:  # accepts connections (kernel backlog), never replies
