@@ -17,7 +17,9 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 RESOLUTIONS = (32, 64, 128, 256, 512)
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+# configs/ is installed as the package sagan_dist.configs; in a source tree it sits beside it.
+_HERE = Path(__file__).resolve().parent
+CONFIG_DIR = _HERE / "configs" if (_HERE / "configs").is_dir() else _HERE.parent / "configs"
 
 
 class ConfigError(ValueError):

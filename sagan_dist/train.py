@@ -350,7 +350,8 @@ def main(items: Sequence[str]) -> int:
             log.info("config:\n%s", OmegaConf.to_yaml(cfg))
         trainer = Trainer(cfg, info)
         trainer.fit()
-    return 0
+    # 128 + SIGTERM after a preemption snapshot: a Job must see "interrupted", not "completed".
+    return 143 if trainer.stop_requested else 0
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
