@@ -253,7 +253,7 @@ def _wanted(fname: str) -> bool:
 
 
 def decode_sample(sample: dict[str, Any], spec: ReaderSpec, rng: random.Random) -> tuple[torch.Tensor, int]:
-    """A webdataset sample -> (float image in [-1, 1], label); raises BadSample naming it."""
+    """A webdataset sample -> (uint8 image (3, R, R), label); raises BadSample naming it."""
     try:
         if "cls" not in sample:
             raise BadSample("no .cls (label)")
@@ -266,7 +266,7 @@ def decode_sample(sample: dict[str, Any], spec: ReaderSpec, rng: random.Random) 
         image = decode_image(data, spec.resolution, spec.crop, spec.min_scale, spec.flip, spec.use_draft, rng)
     except Exception as e:
         raise BadSample(f"{sample.get('__url__')}: sample {sample.get('__key__')!r}: {e}") from e
-    return image.float().div_(127.5).sub_(1.0), label
+    return image, label
 
 
 def reader_samples(spec: ReaderSpec, worker: int, workers: int, tally: _Tally) -> Iterator[tuple[torch.Tensor, int]]:
@@ -289,7 +289,9 @@ def reader_samples(spec: ReaderSpec, worker: int, workers: int, tally: _Tally) -
 
 
 def _collate(samples: Sequence[tuple[torch.Tensor, int]]) -> tuple[torch.Tensor, torch.Tensor]:
-    return torch.stack([s[0] for s in samples]), torch.tensor([s[1] for s in samples], dtype=torch.int64)
+    # Stacked as uint8 and scaled to [-1, 1] in one op per batch: a quarter of the bytes to copy.
+    images = torch.stack([s[0] for s in samples]).to(torch.float32).div_(127.5).sub_(1.0)
+    return images, torch.tensor([s[1] for s in samples], dtype=torch.int64)
 
 
 class _RankDataset(IterableDataset):
