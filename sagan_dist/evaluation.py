@@ -13,6 +13,9 @@ cache (``eval.cache_dir``, default ``<run_dir>/fidelity-cache``) under a name th
 pattern, resolution, decode mode, count and the weights' SHA-256; the images are read only when
 torch-fidelity misses that cache (`ReferenceImages` is lazy), so a cached reference costs nothing.
 
+Metrics. torch-fidelity's feature extraction, caching, IS and KID; FID from its statistics by the
+same formula, with symmetric eigensolvers instead of its general one (`frechet_distance`).
+
 Offline clusters. The Inception weights are read from ``eval.inception_weights``; when unset, from
 torch hub's cache, downloading them there if needed. When none of that works, `Evaluator` fails at
 construction (before training starts) with an error naming the file, its URL and the config key.
@@ -87,7 +90,8 @@ def resolve_inception_weights(path: str, hub_dir: Path | None = None, url: str =
         _download(url, target)
     except OSError as e:  # URLError, timeouts, refused connections, a read-only hub dir
         raise InceptionWeightsError(f"eval.inception_weights is not set, {target} does not exist and "
-                                    f"downloading it failed ({type(e).__name__}: {e}). {_weights_help()}") from None
+                                    f"downloading it failed ({type(e).__name__}: {e}). {_weights_help()} "
+                                    f"(or put it at {target})") from None
     return target
 
 
@@ -297,7 +301,7 @@ class Evaluator:
         error = None
         if info.is_main:
             try:
-                self._prepare_reference(shards)
+                self._setup_main(shards)
             except Exception as err:  # noqa: BLE001 - re-raised below, after telling the others
                 error = err
         # The other ranks raise too, so that none goes on to train and waits for rank 0 for ever.
@@ -307,7 +311,8 @@ class Evaluator:
         if failed is not None:
             raise (InceptionWeightsError if failed[0] else EvaluationError)(f"on rank 0: {failed[1]}")
 
-    def _prepare_reference(self, shards: str) -> None:
+    def _setup_main(self, shards: str) -> None:
+        """Rank 0 alone computes the metrics: weights, reference and cache name are its business."""
         e = self.cfg.eval
         self.weights = resolve_inception_weights(e.inception_weights)
         check_inception_weights(self.weights)
@@ -475,19 +480,17 @@ def _log_to_mlflow(cfg: DictConfig, run_dir: Path, state: dict[str, Any], info: 
                    metrics: dict[str, float], num_samples: int) -> None:
     """Optional: the metrics go to the run that wrote the checkpoint; failures only warn."""
     run_id = state.get("tracking_run_id")
-    if not run_id:
-        log.warning("--mlflow: the checkpoint has no MLflow run id (tracking was off); not logged")
+    if not run_id or not cfg.tracking.enabled:
+        log.warning("--mlflow: the checkpoint has no MLflow run (tracking was off); not logged")
         return
     try:
         from sagan_dist.tracking import Tracker
     except ImportError as e:
         log.warning("--mlflow: tracking is not importable (%s); not logged", e)
         return
-    try:
-        tracker = Tracker.open(cfg, run_dir, run_id, info)
-        # Not closed: closing would mark the run finished, and it may still be training.
-        tracker.log_metrics({f"evaluate/{k}_n{num_samples}": v for k, v in metrics.items()}, int(state["step"]))
-        log.info("logged to MLflow run %s", run_id)
-    except Exception as e:  # noqa: BLE001 - the metrics are printed already; MLflow is a bonus
-        log.warning("--mlflow: logging to run %s failed (%s: %s)", run_id, type(e).__name__, e)
-
+    # The run keeps its status (it may still be training); the sample count is in the name because
+    # an evaluation with other settings is another metric than training's own "fid".
+    tracker = Tracker.open(cfg, run_dir, run_id, info, reopen=False)
+    tracker.log_metrics({f"evaluate/{k}_n{num_samples}": v for k, v in metrics.items()}, int(state["step"]))
+    tracker.close(None)
+    log.info("logged to MLflow run %s as evaluate/<metric>_n%d", run_id, num_samples)

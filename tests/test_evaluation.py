@@ -180,28 +180,37 @@ def test_evaluator_scores_and_a_new_one_reuses_the_cached_reference(tmp_path, in
 
 
 # ---- `sagan-dist evaluate` ------------------------------------------------------------------
-def _snapshot(run_dir: Path, weights: Path) -> Path:
+def _snapshot(run_dir: Path, weights: Path, tracking_run_id: str | None = None) -> Path:
     cfg = eval_config(run_dir, weights)
     g = tiny_generator(cfg)
     state = {"step": 7, "images_seen": 448, "skipped_steps": 0, "best_fid": math.inf,
-             "G_ema": g.state_dict(), "config": config.to_container(cfg), "tracking_run_id": None,
-             "rng": {"torch": torch.get_rng_state()}}
+             "G_ema": g.state_dict(), "config": config.to_container(cfg),
+             "tracking_run_id": tracking_run_id, "rng": {"torch": torch.get_rng_state()}}
     return checkpoint.save(run_dir, 7, state, {}, keep=3, is_main=True)
 
 
-def _evaluate(snapshot: Path, out: Path, processes: int, *overrides: str) -> dict:
+def _cli(processes: int, *args: str, timeout: int = 400) -> subprocess.CompletedProcess:
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                 f"--nproc-per-node={processes}"] if processes > 1 else [sys.executable]
-    cmd = [*launcher, "-m", "sagan_dist.cli", "evaluate", str(snapshot), *overrides, "--json", str(out)]
     env = {**os.environ, "OMP_NUM_THREADS": "2", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
+    return subprocess.run([*launcher, "-m", "sagan_dist.cli", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def _evaluate(snapshot: Path, out: Path, processes: int, *overrides: str) -> dict:
+    proc = _cli(processes, "evaluate", str(snapshot), *overrides, "--json", str(out))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return json.loads(out.read_text())
 
 
 @pytest.mark.slow
 def test_cli_evaluates_on_two_processes_like_on_one_and_reuses_the_cache(tmp_path, inception_weights):
-    snapshot = _snapshot(tmp_path / "run", inception_weights)
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    run_id = client.create_run(client.create_experiment("evaluation")).info.run_id  # the training run
+    snapshot = _snapshot(tmp_path / "run", inception_weights, run_id)
     weights = f"eval.inception_weights={inception_weights}"
 
     two = _evaluate(snapshot, tmp_path / "two.json", 2, weights)
@@ -215,10 +224,13 @@ def test_cli_evaluates_on_two_processes_like_on_one_and_reuses_the_cache(tmp_pat
     assert again["reference"] == "cached" and {p: p.stat().st_mtime_ns for p in cache} == stamps
 
     # The same z by global index on any number of processes: one process scores the same images.
-    one = _evaluate(snapshot, tmp_path / "one.json", 1, weights)
+    one = _evaluate(snapshot, tmp_path / "one.json", 1, weights, f"tracking.uri={uri}", "--mlflow")
     assert one["processes"] == 1 and one["reference"] == "cached"
     for k in ("isc", "fid", "kid"):
         assert one[k] == pytest.approx(two[k], rel=1e-5)
+    logged = client.get_metric_history(run_id, f"evaluate/fid_n{SAMPLES}")
+    assert [(m.step, m.value) for m in logged] == [(7, pytest.approx(one["fid"]))]
+    assert client.get_run(run_id).info.status == "RUNNING"  # an evaluation does not end the run
 
 
 def test_cli_rejects_overrides_of_the_generator(tmp_path, inception_weights):
@@ -226,3 +238,14 @@ def test_cli_rejects_overrides_of_the_generator(tmp_path, inception_weights):
 
     snapshot = _snapshot(tmp_path / "run", inception_weights)
     assert main(["evaluate", str(snapshot), "model.resolution=64"]) == 2
+
+
+@pytest.mark.slow
+def test_missing_weights_stop_every_rank_with_the_error(tmp_path, inception_weights):
+    snapshot = _snapshot(tmp_path / "run", inception_weights)
+    missing = tmp_path / INCEPTION_FILE
+    proc = _cli(2, "evaluate", str(snapshot), f"eval.inception_weights={missing}", timeout=180)
+    assert proc.returncode != 0  # and no rank waits for rank 0 until the timeout
+    error = f"eval.inception_weights={str(missing)!r}: no such file"
+    assert f"config error: {error}" in proc.stderr  # rank 0
+    assert f"config error: on rank 0: {error}" in proc.stderr  # rank 1, told by rank 0
