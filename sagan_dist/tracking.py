@@ -537,10 +537,14 @@ def _system_monitors() -> list[Any]:
     monitors: list[Any] = [CPUMonitor(), DiskMonitor(), NetworkMonitor()]
     for gpu in (GPUMonitor, ROCMMonitor):
         try:
-            monitors.append(gpu())
-            break
+            return monitors + [gpu()]
         except Exception:  # no such GPU, or no driver library for it
             continue
+    import torch
+
+    if torch.cuda.is_available():
+        log.warning("system metrics: no GPU metrics, MLflow's GPU monitor needs the nvidia-ml-py "
+                    "package (pip install nvidia-ml-py)")
     return monitors
 
 
@@ -661,7 +665,8 @@ def _open_spool(cfg: DictConfig, run_dir: Path, run_id: Optional[str], uri: str,
     spool = Spool.acquire(path) if path is not None else None
     if run_id and spool is None:
         why = "is in use by another process" if path is not None else "is not in this run directory"
-        log.warning("the tracking journal of run %s %s; journaling to a new one", run_id, why)
+        new_run = " (and a new MLflow run)" if run_id.startswith(PENDING) else ""
+        log.warning("the tracking journal of run %s %s; journaling to a new one%s", run_id, why, new_run)
     if spool is None:
         _report_leftovers(run_dir)
         known = run_id if run_id and not run_id.startswith(PENDING) else None
@@ -710,9 +715,9 @@ def _git_tags() -> dict[str, str]:
     source = Path(__file__).resolve().parent
     try:
         commit = subprocess.run(["git", "-C", str(source), "rev-parse", "HEAD"], capture_output=True,
-                                text=True, timeout=10)
+                                text=True, timeout=5)
         dirty = subprocess.run(["git", "-C", str(source), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10)
+                               capture_output=True, text=True, timeout=5)
     except (OSError, subprocess.TimeoutExpired):
         return {}
     if commit.returncode != 0:
@@ -758,7 +763,7 @@ def _sync_one(path: Path, uri: Optional[str]) -> bool:
             spool.state["uri"] = uri
         uri = spool.state["uri"]
         if not spool.undelivered:
-            print(f"{path}: nothing to deliver (MLflow run {spool.state['run_id']} at {uri})")
+            print(f"{path}: nothing to deliver (MLflow run {spool.state['run_id'] or 'not created'} at {uri})")
             return True
         try:
             sent = deliver(spool, MlflowClient(uri))

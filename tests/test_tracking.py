@@ -176,6 +176,8 @@ def test_unreachable_at_start_is_journaled_and_sync_delivers_it(server, tmp_path
     resumed.log_image(write_png(run_dir / "samples" / "step-00000004.png", 50), 4)
     resumed.close("FINISHED")
 
+    assert cli.main(["sync", str(run_dir)]) == 1  # still down: says so, keeps everything
+    assert f"{resumed.undelivered} record(s) left" in capsys.readouterr().out
     server.start()
     sync = [sys.executable, "-m", "sagan_dist.cli", "sync", str(run_dir)]
     done = subprocess.run(sync, capture_output=True, text=True, timeout=120)
@@ -222,7 +224,7 @@ def test_replay_after_losing_the_cursor_and_the_run_id_logs_nothing_twice(server
     assert len(stepped) == 1 and "+step+3+" in stepped[0]
 
 
-def test_server_that_never_answers_cannot_stall_training(tmp_path, monkeypatch):
+def test_server_that_never_answers_cannot_stall_training(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "3")
     with socket.socket() as silent:  # accepts connections (kernel backlog), never replies
         silent.bind(("127.0.0.1", 0))
@@ -237,6 +239,9 @@ def test_server_that_never_answers_cannot_stall_training(tmp_path, monkeypatch):
         tracker.close("FINISHED")
         assert slowest < 0.5 and time.perf_counter() - t0 < 5
         assert tracker.undelivered == 24  # params, tags, config.yaml, 20 steps, status: all kept
+        # The courier still waits on its request, so the journal stays this process's.
+        assert cli.main(["sync", str(run_dir)]) == 1
+        assert "in use by a running training process" in capsys.readouterr().out
 
 
 def test_journal_survives_a_torn_last_line(tmp_path):
