@@ -23,6 +23,7 @@ nothing, so the training loop calls it unconditionally.
 from __future__ import annotations
 
 import argparse
+import atexit
 import fcntl
 import getpass
 import importlib.metadata
@@ -577,6 +578,9 @@ class Tracker:
         if cfg.tracking.system_metrics:
             tracker._system = _SystemMetrics(spool, tracker._courier.notify,
                                              cfg.tracking.system_metrics_interval_s)
+        # A tracker nobody closed (an error before the loop, a caller that only adds records)
+        # still gets its records delivered at exit, within the same bounded wait.
+        atexit.register(tracker._close_at_exit)
         return tracker
 
     @property
@@ -639,6 +643,7 @@ class Tracker:
         if self._closed:
             return
         self._closed = True
+        atexit.unregister(self._close_at_exit)
         spool, courier = self._spool, self._courier
         assert spool is not None and courier is not None
         if self._system is not None:
@@ -652,6 +657,9 @@ class Tracker:
                         spool.records, spool.path.parent.parent)
         if ended:  # else the courier still works in this process and needs the lock until exit
             spool.close()
+
+    def _close_at_exit(self) -> None:
+        self.close(None)
 
     def _append(self, kind: str, **fields: Any) -> None:
         self._spool.append(kind, **fields)  # type: ignore[union-attr]

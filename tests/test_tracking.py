@@ -224,6 +224,25 @@ def test_replay_after_losing_the_cursor_and_the_run_id_logs_nothing_twice(server
     assert len(stepped) == 1 and "+step+3+" in stepped[0]
 
 
+def test_records_of_a_tracker_never_closed_are_delivered_at_exit(server, tmp_path):
+    script = (
+        "import sys, torch\n"
+        "from sagan_dist import config\n"
+        "from sagan_dist.dist import DistInfo\n"
+        "from sagan_dist.tracking import Tracker\n"
+        "cfg = config.load(['demo'], sys.argv[1:])\n"
+        "tracker = Tracker.open(cfg, cfg.train.run_dir, None, DistInfo(0, 1, 0, torch.device('cpu')))\n"
+        "tracker.log_metrics({'loss_d': 1.5}, 3)\n"  # and exit without close()
+    )
+    overrides = [f"tracking.uri={server.uri}", "tracking.experiment=unclosed", f"train.run_dir={tmp_path}"]
+    done = subprocess.run([sys.executable, "-c", script, *overrides], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    client = MlflowClient(server.uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("unclosed").experiment_id])
+    assert [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "loss_d")] == [(3, 1.5)]
+    assert run.info.status == "RUNNING"  # only close() says how a run ended
+
+
 def test_server_that_never_answers_cannot_stall_training(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "3")
     with socket.socket() as silent:  # accepts connections (kernel backlog), never replies
