@@ -120,13 +120,16 @@ def test_skipped_counts_come_back_from_worker_processes(tmp_path: Path) -> None:
     stream.close()
 
 
-def test_missing_shard_is_skipped_but_no_readable_data_fails_naming_the_pattern(tmp_path: Path) -> None:
-    shards = write_id_shards(tmp_path / "ok", [8, 8])
+def test_missing_and_truncated_shards_are_skipped_but_nothing_readable_fails(tmp_path: Path) -> None:
+    shards = write_id_shards(tmp_path / "ok", [8, 8, 8])
     (tmp_path / "ok" / shard_name("train", 1)).unlink()
-    cfg = make_cfg(shards, batch=4, world=1, workers=0)
+    truncated = tmp_path / "ok" / shard_name("train", 2)
+    truncated.write_bytes(truncated.read_bytes()[:5000])  # cut inside its 3rd sample
+    cfg = make_cfg(shards, batch=2, world=1, workers=0)
     stream = build_loader(cfg, shards, 0, 1, seed=0)
-    assert sorted(i for images, _ in take(stream, 4) for i in _ids(images)) == sorted(list(range(8)) * 2)
-    assert stream.bad_shards >= 1 and stream.skipped == stream.bad_shards
+    seen = [i for images, _ in take(stream, 10) for i in _ids(images)]  # two passes of 8 + 2
+    assert sorted(seen) == sorted(list(range(8)) * 2 + [16, 17] * 2)
+    assert stream.bad_shards >= 3 and stream.skipped >= stream.bad_shards
 
     bad = write_id_shards(tmp_path / "bad", [0, 0], {0: _bad_samples()[0] * 3, 1: _bad_samples()[1] * 3})
     for workers in (0, 1):
@@ -134,6 +137,13 @@ def test_missing_shard_is_skipped_but_no_readable_data_fails_naming_the_pattern(
         with pytest.raises(RuntimeError, match=r"nothing readable") as info:
             next(stream)
         assert bad in str(info.value)
+
+
+def test_pipe_urls_read_like_local_files(tmp_path: Path) -> None:
+    write_id_shards(tmp_path, [6, 6])
+    pattern = f"pipe:cat {tmp_path}/train-{{000000..000001}}.tar"
+    stream = build_loader(make_cfg(pattern, batch=4, world=1), pattern, 0, 1, seed=0)
+    assert sorted(i for images, _ in take(stream, 3) for i in _ids(images)) == list(range(12))
 
 
 @pytest.mark.parametrize("pattern, message", [

@@ -350,10 +350,8 @@ class BatchStream:
         return images, labels
 
     def close(self) -> None:
-        """Stop the worker processes now rather than when the stream is garbage-collected."""
-        batches, self._batches = self._batches, None
-        if batches is not None and hasattr(batches, "_shutdown_workers"):
-            batches._shutdown_workers()
+        """Stop the worker processes (dropping the DataLoader's iterator shuts them down)."""
+        self._batches = None
 
 
 def build_loader(cfg: DictConfig, shards: str, rank: int, world_size: int, seed: int) -> BatchStream:

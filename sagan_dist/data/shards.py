@@ -358,11 +358,14 @@ def _run_tasks(tasks: Sequence[ShardTask], workers: int, log) -> dict[int, dict[
             report(task, write_planned_shard(task))
         return results
     # fork: workers inherit the imported modules instead of re-importing torch (via webdataset).
-    ctx = multiprocessing.get_context("fork")
-    with futures.ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+    pool = futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"))
+    try:
         pending = {pool.submit(write_planned_shard, t): t for t in tasks}
         for future in futures.as_completed(pending):
             report(pending[future], future.result())
+    finally:
+        # On Ctrl-C or a dead worker, stop at once: shards not started are left for the rerun.
+        pool.shutdown(wait=True, cancel_futures=True)
     return results
 
 
@@ -416,6 +419,10 @@ def run(args: argparse.Namespace) -> int:
     except ShardError as e:
         print(f"sagan-dist make-shards: error: {e}", file=sys.stderr)
         return 2
+    except futures.process.BrokenProcessPool:
+        print("sagan-dist make-shards: error: a writer process died (out of memory?); finished shards "
+              "are kept: run the same command again to write the rest", file=sys.stderr)
+        return 1
     print(f"wrote {index['total']} samples in {len(index['shards'])} shards to {args.out} "
           f"({index['skipped']} unreadable images skipped, listed in "
           f"{args.out / (args.split + '-skipped.tsv')})\n"
