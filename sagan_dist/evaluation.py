@@ -441,8 +441,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                         help="eval.*, data.* or tracking.* overrides, e.g. eval.num_samples=50000 "
                              "eval.inception_weights=/models/" + INCEPTION_FILE)
     parser.add_argument("--json", type=Path, default=None, help="also write the result to this JSON file")
-    parser.add_argument("--mlflow", action="store_true",
-                        help="also log the metrics to the checkpoint's MLflow run, as evaluate/<metric>_n<samples>")
+    parser.add_argument("--mlflow", action="store_true", help="also log the metrics to the checkpoint's "
+                                                               "MLflow run, as evaluate/<metric>_n<samples>")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -26,8 +26,9 @@ from sagan_dist.config import ConfigError
 from sagan_dist.data import prepare_data
 from sagan_dist.dist import DistInfo
 from sagan_dist.evaluation import (INCEPTION_FILE, INCEPTION_URL, Evaluator, InceptionWeightsError,
-                                   check_inception_weights, frechet_distance, read_reference_images,
-                                   resolve_inception_weights, sample_latents, share_indices)
+                                   check_inception_weights, config_with_overrides, frechet_distance,
+                                   read_reference_images, resolve_inception_weights, sample_latents,
+                                   share_indices)
 from sagan_dist.models.sagan import build_models
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -233,11 +234,24 @@ def test_cli_evaluates_on_two_processes_like_on_one_and_reuses_the_cache(tmp_pat
     assert client.get_run(run_id).info.status == "RUNNING"  # an evaluation does not end the run
 
 
-def test_cli_rejects_overrides_of_the_generator(tmp_path, inception_weights):
-    from sagan_dist.cli import main
+@pytest.mark.parametrize("override, message", [
+    ("model.resolution=64", "the generator (model.*, data.num_classes) is the checkpoint's"),
+    ("data.num_classes=3", "the generator (model.*, data.num_classes) is the checkpoint's"),
+    ("train.steps=5", "evaluate takes eval.*, data.* and tracking.* keys only"),
+    ("eval.num_sampels=5", "eval.num_sampels"),
+    ("eval.num_samples", "is not of the form key=value"),
+])
+def test_evaluate_overrides_cannot_change_the_generator_or_name_unknown_keys(tmp_path, override, message):
+    saved = config.to_container(eval_config(tmp_path, "w.pth"))
+    with pytest.raises(ConfigError) as err:
+        config_with_overrides(saved, [override])
+    assert message in str(err.value)
 
-    snapshot = _snapshot(tmp_path / "run", inception_weights)
-    assert main(["evaluate", str(snapshot), "model.resolution=64"]) == 2
+
+def test_evaluate_overrides_are_typed_and_applied(tmp_path):
+    saved = config.to_container(eval_config(tmp_path, "w.pth"))
+    cfg = config_with_overrides(saved, ["eval.num_samples=50", "eval.metrics=[fid]", "data.workers=2"])
+    assert cfg.eval.num_samples == 50 and list(cfg.eval.metrics) == ["fid"] and cfg.data.workers == 2
 
 
 @pytest.mark.slow
