@@ -177,6 +177,16 @@ class DeepSpeedEngine(Engine):
         self.engine.backward(loss, scale_wrt_gas=False)  # the loop already divides by accumulation
 
     def step(self) -> StepResult:
+        result = self._update()
+        if self.info.world_size > 1:
+            # Each rank's forwards updated BatchNorm statistics with its own batch: hand out rank
+            # 0's, as the DDP engine does, so the replicas and the EMA generator (which copies G's
+            # buffers) are the same everywhere and rank 0's checkpoint holds what every rank has.
+            for b in self.raw.buffers():
+                tdist.broadcast(b, src=0)
+        return result
+
+    def _update(self) -> StepResult:
         self.engine.set_gradient_accumulation_boundary(True)
         if self._check_finite_first:
             # Gradients were all-reduced at the boundary, so every rank sees the same norm.
