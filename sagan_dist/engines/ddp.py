@@ -66,6 +66,12 @@ class DDPEngine(Engine):
             self.scaler.update()
         elif applied:
             self.optimizer.step()
+        if is_distributed():
+            # DDP hands out rank 0's buffers before each forward, but the step's last forward
+            # leaves every rank with BatchNorm statistics of its own batch: re-sync, so that the
+            # replicas and the EMA generator (which copies G's buffers) are the same on all ranks.
+            for b in self.raw.buffers():
+                torch.distributed.broadcast(b, src=0)
         return StepResult(applied, norm)
 
     def lr(self) -> float:
