@@ -1,7 +1,8 @@
 """`sagan-dist`: the command line. Each subcommand lives in the module that does the work.
 
-A subcommand module provides ``configure_parser(parser)`` and ``run(args) -> int``; cli.py only
-registers them, so each command's options are documented next to the code that uses them.
+A subcommand module provides ``configure_parser(parser)`` and ``run(args) -> int``, so each
+command's options are documented next to the code that uses them; cli.py imports only the module
+of the command being run.
 """
 from __future__ import annotations
 
@@ -26,7 +27,8 @@ COMMANDS = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser; only ``command``'s module is imported (for its options), so startup stays fast."""
     parser = argparse.ArgumentParser(
         prog="sagan-dist",
         description="Distributed training of class-conditional SAGAN (Self-Attention GAN).",
@@ -35,20 +37,15 @@ def build_parser() -> argparse.ArgumentParser:
     for name, (module, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         p.set_defaults(_module=module)
-        try:
+        if name == command:
             importlib.import_module(module).configure_parser(p)
-        except ModuleNotFoundError as e:
-            if e.name != module:
-                raise
-            p.set_defaults(_missing=True)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if getattr(args, "_missing", False):
-        parser.error(f"command {args.command!r} is not available in this installation")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    args = build_parser(command if command in COMMANDS else None).parse_args(argv)
     try:
         return int(importlib.import_module(args._module).run(args) or 0)
     except ConfigError as e:

@@ -56,12 +56,13 @@ class Trainer:
         self.stop_requested = False
         run_id = self._resume()
         self.shards = dist.broadcast_object(prepare_data(cfg, self.run_dir) if info.is_main else None)
-        self.tracker = Tracker.open(cfg, self.run_dir, run_id, info)
         self.evaluator = None
         if cfg.eval.every > 0:
             from sagan_dist.evaluation import Evaluator
 
             self.evaluator = Evaluator(cfg, info, self.shards, self.run_dir)
+        # Last: whatever can fail above must not leave an MLflow run open as RUNNING.
+        self.tracker = Tracker.open(cfg, self.run_dir, run_id, info)
 
     # ---- the algorithm ------------------------------------------------------------------------
     def train_step(self) -> dict[str, float]:
