@@ -97,9 +97,23 @@ class TrainConfig:
 
 @dataclass
 class DeepSpeedConfig:
+    # 0: plain data parallel; 1: optimizer states sharded over ranks; 2: gradients as well.
     zero_stage: int = 1
-    # Any other DeepSpeed key, passed through as is (e.g. {"zero_optimization": {...}}).
+    # Any other DeepSpeed key, merged over the generated config (engines/deepspeed.py), e.g.
+    # {zero_optimization: {overlap_comm: true}} or {fp16: {initial_scale_power: 12}}. bf16 runs
+    # under torch_autocast (fp32 weights); {torch_autocast: {enabled: false}, bf16: {enabled: true}}
+    # casts the weights to bf16 instead. Keys derived from train.* are refused (DEEPSPEED_DERIVED).
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+# DeepSpeed keys that engines/deepspeed.py derives from our config, and where to set them instead.
+DEEPSPEED_DERIVED = {
+    "train_batch_size": "train.batch_size",
+    "train_micro_batch_size_per_gpu": "train.batch_size (split over ranks and train.accumulation)",
+    "gradient_accumulation_steps": "train.accumulation",
+    "gradient_clipping": "train.grad_clip",
+    "optimizer": "train.lr_g, train.lr_d and train.betas (the optimizer is torch's Adam)",
+}
 
 
 @dataclass
@@ -274,6 +288,7 @@ def validate(cfg: DictConfig, world_size: int = 1) -> None:
     _check(t.resume in ("auto", "never") or Path(t.resume).exists(), "train.resume", t.resume,
            "auto | never | an existing checkpoint path")
     _choice(cfg, "deepspeed.zero_stage", (0, 1, 2))
+    _validate_deepspeed_extra(cfg)
     _check(bool(cfg.tracking.experiment.strip()), "tracking.experiment", cfg.tracking.experiment,
            "a non-empty MLflow experiment name")
     for key in ("tracking.system_metrics_interval_s", "tracking.retry_s"):
@@ -290,3 +305,17 @@ def validate(cfg: DictConfig, world_size: int = 1) -> None:
     _check("isc" not in e.metrics or e.isc_splits <= e.num_samples, "eval.isc_splits", e.isc_splits,
            f"<= eval.num_samples = {e.num_samples} (each split needs samples)")
     _check(e.kid_subset_size >= 2, "eval.kid_subset_size", e.kid_subset_size, ">= 2")
+
+
+def _validate_deepspeed_extra(cfg: DictConfig) -> None:
+    """deepspeed.extra may add DeepSpeed keys but not contradict the ones we derive."""
+    extra = cfg.deepspeed.extra
+    for key, instead in DEEPSPEED_DERIVED.items():
+        _check(key not in extra, f"deepspeed.extra.{key}", OmegaConf.select(extra, key),
+               f"unset (derived from {instead})")
+    stage = OmegaConf.select(extra, "zero_optimization.stage")
+    _check(stage is None, "deepspeed.extra.zero_optimization.stage", stage, "unset (set deepspeed.zero_stage)")
+    for section in ("bf16", "fp16"):
+        enabled = OmegaConf.select(extra, f"{section}.enabled")
+        _check(not enabled or cfg.train.precision == section, f"deepspeed.extra.{section}.enabled", enabled,
+               f"true only with train.precision={section}")

@@ -53,14 +53,13 @@ import deepspeed  # noqa: E402  (after DS_ACCELERATOR is set)
 deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 TAG = "deepspeed"  # the checkpoint tag: one checkpoint per engine directory, no 'latest' file
-# Keys deepspeed_config derives from train.*: deepspeed.extra may not set them (see config.py).
-OWNED_KEYS = {"train_batch_size": "train.batch_size", "train_micro_batch_size_per_gpu": "train.batch_size",
-              "gradient_accumulation_steps": "train.accumulation", "gradient_clipping": "train.grad_clip",
-              "optimizer": "train.lr_g/lr_d/betas (the optimizer is torch Adam)"}
 
 
 def deepspeed_config(cfg: DictConfig, world_size: int, device: torch.device) -> dict[str, Any]:
-    """The DeepSpeed config dict for this run: ours, then ``deepspeed.extra`` merged on top."""
+    """The DeepSpeed config dict for this run: ours, then ``deepspeed.extra`` merged on top.
+
+    config.validate has already refused extra keys that would contradict ours (DEEPSPEED_DERIVED).
+    """
     t = cfg.train
     ds: dict[str, Any] = {
         "train_batch_size": t.batch_size,
