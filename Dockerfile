@@ -44,8 +44,8 @@ RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml
  && pip install --no-cache-dir -r /tmp/requirements.txt psycopg2-binary==2.9.13 \
  && rm /tmp/requirements.txt
 
-# The package itself, editable: sagan_dist.config reads configs/ next to the sources
-# (/opt/sagan-dist/configs), which a regular install into site-packages would leave behind.
+# The package itself, editable, so /opt/sagan-dist stays the one copy of the code and configs
+# (configs/ also ships as package data, sagan_dist.configs, for regular installs).
 # --no-deps: everything is installed above; nothing here may touch torch.
 COPY configs ./configs
 COPY launcher ./launcher
