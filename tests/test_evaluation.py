@@ -27,8 +27,8 @@ from sagan_dist.data import prepare_data
 from sagan_dist.dist import DistInfo
 from sagan_dist.evaluation import (INCEPTION_FILE, INCEPTION_URL, Evaluator, InceptionWeightsError,
                                    check_inception_weights, config_with_overrides, frechet_distance,
-                                   read_reference_images, resolve_inception_weights, sample_latents,
-                                   share_indices)
+                                   read_reference_images, reference_cache_name, reference_key,
+                                   resolve_inception_weights, sample_latents, share_indices)
 from sagan_dist.models.sagan import build_models
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -78,6 +78,14 @@ def test_missing_weights_file_error_names_the_file_its_url_and_the_key(tmp_path)
     message = str(err.value)
     assert INCEPTION_FILE in message and INCEPTION_URL in message
     assert "eval.inception_weights=" in message and str(tmp_path / "nowhere") in message
+
+
+def test_training_with_evaluation_fails_before_its_first_step_without_weights(tmp_path):
+    from sagan_dist.train import Trainer
+
+    cfg = eval_config(tmp_path / "run", tmp_path / INCEPTION_FILE, "eval.every=1", "tracking.enabled=false")
+    with pytest.raises(InceptionWeightsError, match="eval.inception_weights="):
+        Trainer(cfg, CPU)
 
 
 def test_unset_weights_that_cannot_be_downloaded_say_what_to_do(tmp_path):
@@ -157,6 +165,16 @@ def test_reference_images_are_center_cropped_uint8_at_the_model_resolution(tmp_p
     assert torch.equal(first, again)  # no random crop or flip, whatever the run trains with
 
 
+def test_reference_cache_name_changes_with_data_resolution_count_and_weights(tmp_path):
+    cfg = eval_config(tmp_path, "w.pth")
+    base = reference_cache_name(reference_key(cfg, "a-{0..3}.tar", 100, "sha-a"))
+    assert base == reference_cache_name(reference_key(cfg, "a-{0..3}.tar", 100, "sha-a"))
+    others = [reference_key(cfg, "b-{0..3}.tar", 100, "sha-a"), reference_key(cfg, "a-{0..3}.tar", 99, "sha-a"),
+              reference_key(cfg, "a-{0..3}.tar", 100, "sha-b"),
+              reference_key(eval_config(tmp_path, "w.pth", "model.resolution=64"), "a-{0..3}.tar", 100, "sha-a")]
+    assert len({base, *(reference_cache_name(k) for k in others)}) == 1 + len(others)
+
+
 # ---- the evaluator, as the Trainer calls it -------------------------------------------------
 def test_evaluator_scores_and_a_new_one_reuses_the_cached_reference(tmp_path, inception_weights):
     cfg = eval_config(tmp_path / "run", inception_weights, "eval.every=10")
@@ -221,12 +239,11 @@ def test_cli_evaluates_on_two_processes_like_on_one_and_reuses_the_cache(tmp_pat
     cache = sorted(Path(two["cache"]).parent.glob(Path(two["cache"]).name + "*"))
     stamps = {p: p.stat().st_mtime_ns for p in cache}
 
-    again = _evaluate(snapshot, tmp_path / "again.json", 2, weights)
-    assert again["reference"] == "cached" and {p: p.stat().st_mtime_ns for p in cache} == stamps
-
-    # The same z by global index on any number of processes: one process scores the same images.
+    # The same z by global index on any number of processes: one process scores the same images,
+    # against the reference the two processes cached.
     one = _evaluate(snapshot, tmp_path / "one.json", 1, weights, f"tracking.uri={uri}", "--mlflow")
     assert one["processes"] == 1 and one["reference"] == "cached"
+    assert {p: p.stat().st_mtime_ns for p in cache} == stamps
     for k in ("isc", "fid", "kid"):
         assert one[k] == pytest.approx(two[k], rel=1e-5)
     logged = client.get_metric_history(run_id, f"evaluate/fid_n{SAMPLES}")
