@@ -168,7 +168,7 @@ class Trainer:
             self._log_progress(meter, started)
         if s % t.sample_every == 0 or s == t.steps:
             self.sample_grid()
-        if self.evaluator is not None and (s % self.cfg.eval.every == 0):
+        if self.evaluator is not None and (s % self.cfg.eval.every == 0 or s == t.steps):
             self.evaluate()
         if s % t.checkpoint_every == 0 and s != t.steps:
             self.save()
