@@ -7,6 +7,8 @@ tests/test_distributed.py.
 from __future__ import annotations
 
 import logging
+import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -90,6 +92,21 @@ def test_a_bf16_step_is_the_ddp_engines_step(tmp_path):
             assert torch.equal(ddp[k], ds[k]), k
 
 
+def test_bf16_weights_through_extra_train_with_bf16_parameters(tmp_path):
+    """The documented switch to DeepSpeed's bf16 section: bf16 parameters (fp32 masters in the
+    optimizer), inputs cast by the engine, BatchNorm statistics in bf16 on CPU."""
+    tr = _trainer(tmp_path, *DS, "train.precision=bf16", "deepspeed.zero_stage=2",
+                  "deepspeed.extra={torch_autocast: {enabled: false}, bf16: {enabled: true}}")
+    assert {p.dtype for p in tr.G.raw.parameters()} == {torch.bfloat16}
+    assert tr.G.raw.out_bn.running_var.dtype == torch.bfloat16
+    tr._start_segment()
+    before = _params(tr.G.raw)
+    stats = tr.train_step()
+    assert tr.skipped_steps == 0 and all(map(math.isfinite, stats.values()))
+    assert any(not torch.equal(p, before[k]) for k, p in tr.G.raw.named_parameters())
+    assert all(torch.isfinite(v.float()).all() for v in tr.ema.model.state_dict().values())
+
+
 @pytest.mark.parametrize("stage", [0, 1])
 def test_non_finite_gradients_skip_the_update(tmp_path, stage):
     """ZeRO 0 in fp32 is checked by the engine itself, ZeRO 1 by DeepSpeed's overflow check."""
@@ -138,3 +155,19 @@ def test_snapshot_missing_a_zero_shard_falls_back_to_the_previous(tmp_path, capl
         resumed = _trainer(tmp_path, *DS, "train.steps=2")
     assert resumed.step == 1
     assert "step-00000002 is truncated or corrupt" in caplog.text
+
+
+@pytest.mark.slow
+def test_resume_under_another_engine_stage_or_world_size_is_a_config_error(tmp_path):
+    """Falling back past such snapshots would silently start the run over: refuse instead."""
+    _trainer(tmp_path / "ddp", "train.steps=1").fit()
+    with pytest.raises(ConfigError, match="engine=ddp"):
+        _trainer(tmp_path / "ddp", *DS, "train.steps=2")
+    _trainer(tmp_path / "z1", *DS, "train.steps=1").fit()
+    with pytest.raises(ConfigError, match="deepspeed.zero_stage"):
+        _trainer(tmp_path / "z1", *DS, "train.steps=2", "deepspeed.zero_stage=0")
+    folder = checkpoint.list_checkpoints(tmp_path / "z1")[-1] / "G" / "deepspeed"
+    [shard] = folder.glob("*zero_pp_rank_0_*")
+    shutil.copy(shard, folder / shard.name.replace("pp_rank_0_", "pp_rank_1_"))  # as if saved by 2 ranks
+    with pytest.raises(ConfigError, match="shards of 2 ranks"):
+        _trainer(tmp_path / "z1", *DS, "train.steps=2")

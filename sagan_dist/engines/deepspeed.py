@@ -27,6 +27,7 @@ which holds because the loop makes the D step's fakes under no_grad and runs the
 """
 from __future__ import annotations
 
+import atexit
 import contextlib
 import datetime
 import math
@@ -39,6 +40,7 @@ import torch.distributed as tdist
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from sagan_dist.config import ConfigError
 from sagan_dist.dist import DistInfo
 from sagan_dist.engines.base import Engine, StepResult
 
@@ -110,6 +112,12 @@ def ensure_process_group(info: DistInfo) -> None:
     # A HashStore needs no port, so nothing can collide with another run on the machine.
     tdist.init_process_group(backend, store=tdist.HashStore(), rank=0, world_size=1,
                              timeout=datetime.timedelta(minutes=30))
+    atexit.register(_destroy_process_group)
+
+
+def _destroy_process_group() -> None:
+    if tdist.is_initialized():
+        tdist.destroy_process_group()
 
 
 def _broadcast_scalars(model: nn.Module) -> None:
@@ -209,6 +217,7 @@ class DeepSpeedEngine(Engine):
         self.engine.save_checkpoint(str(path), tag=TAG, save_latest=False)
 
     def load(self, path: Path) -> None:
+        self._check_layout(path)
         # Every rank reaches the same verdict before DeepSpeed starts its collectives, so a missing
         # shard makes all ranks fall back to the previous snapshot instead of hanging.
         missing = self._missing_files(path)
@@ -219,6 +228,25 @@ class DeepSpeedEngine(Engine):
         # DeepSpeed reports a checkpoint it cannot find with a warning and (None, None).
         if not _agree(load_path is not None, self.device):
             raise FileNotFoundError(f"DeepSpeed could not load the checkpoint of {self.name} at {path / TAG}")
+
+    def _check_layout(self, path: Path) -> None:
+        """A snapshot of another engine, ZeRO stage or ZeRO world size is a config error, not a
+        corrupt snapshot: falling back to older ones (all alike) would silently restart the run."""
+        folder, stage, world = path / TAG, self.engine.zero_optimization_stage(), self.info.world_size
+        if not folder.is_dir():
+            if path.with_suffix(".pt").is_file():
+                raise ConfigError(f"{path.parent} was written by engine=ddp; resume it with engine=ddp "
+                                  "(the engines' checkpoints differ), or start a new train.run_dir")
+            return  # missing: `load` says so
+        if not (folder / "mp_rank_00_model_states.pt").is_file():
+            return
+        shards = len(list(folder.glob("*zero_pp_rank_*_mp_rank_00_optim_states.pt")))
+        if (stage == 0) != (shards == 0):
+            raise ConfigError(f"{folder} was saved with deepspeed.zero_stage={'0' if shards == 0 else '1 or 2'} "
+                              f"but deepspeed.zero_stage is {stage}; resume with the stage it was trained with")
+        if stage > 0 and shards != world:
+            raise ConfigError(f"{folder} holds ZeRO optimizer shards of {shards} ranks; DeepSpeed cannot "
+                              f"re-split them over {world}: resume with {shards} processes in all")
 
     def _missing_files(self, path: Path) -> list[str]:
         """The files this rank needs from a checkpoint that are absent or empty."""
