@@ -115,3 +115,19 @@ def test_non_finite_updates_are_skipped_then_stop_the_run(tmp_path):
     for k, v in tr.G.raw.state_dict().items():
         if k.endswith("original"):
             assert torch.equal(v, g_before[k]), "a skipped update must not change weights"
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_steps_train_on_cpu(tmp_path, precision):
+    tr = _trainer(tmp_path, "train.steps=4", f"train.precision={precision}")
+    tr._start_segment()
+    g0 = _params(tr.G.raw)
+    results = [tr.train_step() for _ in range(4)]
+    assert all(torch.isfinite(torch.tensor(r["loss_d"])) for r in results)
+    changed = any(not torch.equal(v, g0[k]) for k, v in tr.G.raw.state_dict().items() if k.endswith("original"))
+    assert changed
+    # Weights, SN vectors and the EMA stay fp32 under autocast; only activations drop precision.
+    assert all(p.dtype == torch.float32 for p in tr.G.raw.parameters())
+    if precision == "fp16":  # separate scalers; overflowing first steps are skipped while they calibrate
+        assert tr.G.scaler.is_enabled() and tr.D.scaler.is_enabled() and tr.G.scaler is not tr.D.scaler
+        assert tr.D.scaler.get_scale() <= 65536.0
