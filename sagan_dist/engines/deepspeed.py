@@ -55,6 +55,7 @@ import deepspeed  # noqa: E402  (after DS_ACCELERATOR is set)
 deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 TAG = "deepspeed"  # the checkpoint tag: one checkpoint per engine directory, no 'latest' file
+MODEL_STATES = "mp_rank_00_model_states.pt"  # DeepSpeed's name for the weights (and metadata)
 
 
 def deepspeed_config(cfg: DictConfig, world_size: int, device: torch.device) -> dict[str, Any]:
@@ -232,26 +233,28 @@ class DeepSpeedEngine(Engine):
     def _check_layout(self, path: Path) -> None:
         """A snapshot of another engine, ZeRO stage or ZeRO world size is a config error, not a
         corrupt snapshot: falling back to older ones (all alike) would silently restart the run."""
-        folder, stage, world = path / TAG, self.engine.zero_optimization_stage(), self.info.world_size
-        if not folder.is_dir():
-            if path.with_suffix(".pt").is_file():
-                raise ConfigError(f"{path.parent} was written by engine=ddp; resume it with engine=ddp "
-                                  "(the engines' checkpoints differ), or start a new train.run_dir")
+        folder = path / TAG
+        if not folder.is_dir() and path.with_suffix(".pt").is_file():
+            raise ConfigError(f"{path.parent} was written by engine=ddp; resume it with engine=ddp "
+                              "(the engines' checkpoints differ), or start a new train.run_dir")
+        if not (folder / MODEL_STATES).is_file():
             return  # missing: `load` says so
-        if not (folder / "mp_rank_00_model_states.pt").is_file():
-            return
-        shards = len(list(folder.glob("*zero_pp_rank_*_mp_rank_00_optim_states.pt")))
-        if (stage == 0) != (shards == 0):
-            raise ConfigError(f"{folder} was saved with deepspeed.zero_stage={'0' if shards == 0 else '1 or 2'} "
-                              f"but deepspeed.zero_stage is {stage}; resume with the stage it was trained with")
-        if stage > 0 and shards != world:
-            raise ConfigError(f"{folder} holds ZeRO optimizer shards of {shards} ranks; DeepSpeed cannot "
-                              f"re-split them over {world}: resume with {shards} processes in all")
+        # mmap: reads the metadata, not the weights.
+        meta = torch.load(folder / MODEL_STATES, map_location="cpu", mmap=True, weights_only=True)
+        saved_stage = meta["ds_config"].get("zero_optimization", {}).get("stage", 0)
+        stage, world = self.engine.zero_optimization_stage(), self.info.world_size
+        if (saved_stage == 0) != (stage == 0):
+            raise ConfigError(f"{folder} was saved with deepspeed.zero_stage={saved_stage} but "
+                              f"deepspeed.zero_stage is {stage}; resume with the stage it was trained with")
+        if stage > 0 and meta["dp_world_size"] != world:
+            raise ConfigError(f"{folder} holds ZeRO optimizer shards of {meta['dp_world_size']} ranks; "
+                              f"DeepSpeed cannot re-split them over {world}: resume with "
+                              f"{meta['dp_world_size']} processes in all")
 
     def _missing_files(self, path: Path) -> list[str]:
         """The files this rank needs from a checkpoint that are absent or empty."""
         folder = path / TAG
-        wanted = [folder / "mp_rank_00_model_states.pt"]
+        wanted = [folder / MODEL_STATES]
         if self.engine.zero_optimization_stage() > 0:
             rank = self.engine.global_rank
             shards = sorted(folder.glob(f"*zero_pp_rank_{rank}_mp_rank_00_optim_states.pt"))
