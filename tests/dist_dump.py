@@ -14,6 +14,7 @@ resumed to the same weights as the uninterrupted one. Used by tests/test_distrib
 """
 from __future__ import annotations
 
+import gc
 import sys
 from pathlib import Path
 
@@ -73,6 +74,9 @@ def main(out: Path, phases: list[str], overrides: list[str]) -> None:
                 nonfinite(out, overrides, info)
             else:
                 train(out, phase, overrides, info)
+            # DeepSpeed engines sit in reference cycles: free them (and any gloo work they hold)
+            # while the process group is alive, not during interpreter shutdown.
+            gc.collect()
             dist.barrier()
 
 
