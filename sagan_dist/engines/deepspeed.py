@@ -24,6 +24,13 @@ Two engines in one loop: a backward must never reach one engine's forward output
 other engine's ``backward`` (ZeRO 0 raises "Direct calls to tensor.backward() are not supported"),
 which holds because the loop makes the D step's fakes under no_grad and runs the G loss through
 ``D.raw`` with D's requires_grad off.
+
+Replicas: after every step rank 0's buffers (BatchNorm statistics) are broadcast, as in the DDP
+engine, so G, D and the EMA generator are identical on all ranks. Checkpoints: DeepSpeed's
+``save_checkpoint`` under the tag ``deepspeed`` (rank 0 writes the weights, every rank its ZeRO
+shard, so ``train.run_dir`` must be storage all nodes share); ``load`` raises when files are
+missing, on every rank alike, and a snapshot of another engine, ZeRO stage or ZeRO world size is a
+ConfigError rather than a corrupt snapshot to fall back from.
 """
 from __future__ import annotations
 
