@@ -2,12 +2,13 @@
 
 Randomness is a function of (train.seed, rank, step of the last snapshot): the latent generator
 and the data stream are re-seeded whenever a snapshot is written, so a resumed run draws exactly
-what the uninterrupted run would have drawn, with no per-rank RNG state to gather, and a resume on
-a different world size still works.
+what the uninterrupted run would have drawn, with no per-rank RNG state to gather. (A DDP run can
+resume on another world size; DeepSpeed ZeRO 1/2 cannot re-split its optimizer shards.)
 """
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import math
 import signal
@@ -277,6 +278,9 @@ class Trainer:
 def _check_compatible(saved: dict[str, Any], cfg: DictConfig, snapshot: Path) -> None:
     """The saved run's architecture must match; other differences are reported and allowed."""
     current = config.to_container(cfg)
+    if saved.get("engine", "ddp") != cfg.engine:
+        raise config.ConfigError(f"config key 'engine' is {cfg.engine!r} but the snapshot {snapshot} "
+                                 f"was written by {saved.get('engine')!r}; resume with the same engine")
     for section in ("model", "data"):
         for key, value in saved.get(section, {}).items():
             now = current[section].get(key)
@@ -351,8 +355,13 @@ def main(items: Sequence[str]) -> int:
             log.info("config:\n%s", OmegaConf.to_yaml(cfg))
         trainer = Trainer(cfg, info)
         trainer.fit()
+        preempted = trainer.stop_requested
+        # Free the engines (DeepSpeed's hold reference cycles) while the process group lives:
+        # a gloo teardown abort at exit was seen otherwise.
+        del trainer
+        gc.collect()
     # 128 + SIGTERM after a preemption snapshot: a Job must see "interrupted", not "completed".
-    return 143 if trainer.stop_requested else 0
+    return 143 if preempted else 0
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
