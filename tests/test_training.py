@@ -131,3 +131,9 @@ def test_mixed_precision_steps_train_on_cpu(tmp_path, precision):
     if precision == "fp16":  # separate scalers; overflowing first steps are skipped while they calibrate
         assert tr.G.scaler.is_enabled() and tr.D.scaler.is_enabled() and tr.G.scaler is not tr.D.scaler
         assert tr.D.scaler.get_scale() <= 65536.0
+
+
+def test_resume_with_another_engine_is_refused(tmp_path):
+    _trainer(tmp_path, "train.steps=2").fit()
+    with pytest.raises(Exception, match="'engine' is 'deepspeed'"):
+        _trainer(tmp_path, "train.steps=4", "engine=deepspeed")
