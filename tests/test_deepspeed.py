@@ -160,7 +160,7 @@ def test_snapshot_missing_a_zero_shard_falls_back_to_the_previous(tmp_path, capl
 def test_resume_under_another_engine_stage_or_world_size_is_a_config_error(tmp_path):
     """Falling back past such snapshots would silently start the run over: refuse instead."""
     _trainer(tmp_path / "ddp", "train.steps=1").fit()
-    with pytest.raises(ConfigError, match="engine=ddp"):
+    with pytest.raises(ConfigError, match="'engine' is 'deepspeed'"):
         _trainer(tmp_path / "ddp", *DS, "train.steps=2")
     _trainer(tmp_path / "z1", *DS, "train.steps=1").fit()
     with pytest.raises(ConfigError, match="deepspeed.zero_stage"):

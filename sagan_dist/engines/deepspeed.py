@@ -238,12 +238,10 @@ class DeepSpeedEngine(Engine):
             raise FileNotFoundError(f"DeepSpeed could not load the checkpoint of {self.name} at {path / TAG}")
 
     def _check_layout(self, path: Path) -> None:
-        """A snapshot of another engine, ZeRO stage or ZeRO world size is a config error, not a
-        corrupt snapshot: falling back to older ones (all alike) would silently restart the run."""
+        """A snapshot of another ZeRO stage or ZeRO world size is a config error, not a corrupt
+        snapshot: falling back to older ones (all alike) would silently restart the run. (Another
+        engine is refused earlier, by the trainer's config comparison.)"""
         folder = path / TAG
-        if not folder.is_dir() and path.with_suffix(".pt").is_file():
-            raise ConfigError(f"{path.parent} was written by engine=ddp; resume it with engine=ddp "
-                              "(the engines' checkpoints differ), or start a new train.run_dir")
         if not (folder / MODEL_STATES).is_file():
             return  # missing: `load` says so
         # mmap: reads the metadata, not the weights.
