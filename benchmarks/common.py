@@ -63,12 +63,21 @@ def median_time(fn: Callable[[], Any], repeats: int = 5, warmup: int = 1) -> flo
     return statistics.median(times)
 
 
+@dataclass(frozen=True)
+class Timing:
+    """Seconds per call: the median (what we compare) and the best (how fast it can go here)."""
+
+    median: float
+    best: float
+
+
 def interleaved_median_times(fns: dict[str, Callable[[], Any]], repeats: int = 5,
-                             warmup: int = 1) -> dict[str, float]:
-    """Median wall time of each function, timed round-robin (a, b, a, b, ...).
+                             warmup: int = 1) -> dict[str, Timing]:
+    """Median and best wall time of each function, timed round-robin (a, b, a, b, ...).
 
     Interleaving makes a ratio between two functions fair on a shared machine: a burst of load
     from another process hits both of them rather than only whichever was timed during it.
+    A median far above the best says the run was contended.
     """
     for _ in range(warmup):
         for fn in fns.values():
@@ -79,23 +88,62 @@ def interleaved_median_times(fns: dict[str, Callable[[], Any]], repeats: int = 5
             start = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(ts) for name, ts in times.items()}
+    return {name: Timing(statistics.median(ts), min(ts)) for name, ts in times.items()}
 
 
-def gemm_peak_flops(n: int = 2048, repeats: int = 7, dtype: torch.dtype = torch.float32) -> float:
+def gemm_peak_flops(n: int = 2048, repeats: int = 7, dtype: torch.dtype = torch.float32,
+                    device: str | torch.device = "cpu",
+                    clock: Callable[[], float] = time.perf_counter) -> float:
     """Best achieved FLOP/s of an ``n x n`` matmul: the practical compute ceiling of this machine.
 
     Best of several, not median, because this is a ceiling: contention only ever lowers it.
+    On CUDA each matmul is synchronised before the clock stops (kernels run asynchronously).
+    ``clock=time.process_time`` gives FLOP per CPU-second, the ceiling for rates measured in CPU
+    time (see :func:`interleaved_wall_cpu_times`).
     """
-    a = torch.randn(n, n, dtype=dtype)
-    b = torch.randn(n, n, dtype=dtype)
+    device = torch.device(device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    a = torch.randn(n, n, dtype=dtype, device=device)
+    b = torch.randn(n, n, dtype=dtype, device=device)
     torch.mm(a, b)  # warm-up: thread pool start, BLAS buffers
+    sync()
     best = float("inf")
     for _ in range(repeats):
-        start = time.perf_counter()
+        start = clock()
         torch.mm(a, b)
-        best = min(best, time.perf_counter() - start)
+        sync()
+        best = min(best, clock() - start)
     return 2 * n ** 3 / best
+
+
+@dataclass(frozen=True)
+class WallCpuTimes:
+    """Seconds of each timed call of one function, in call order: wall clock and process CPU."""
+
+    wall: list[float]
+    cpu: list[float]
+
+
+def interleaved_wall_cpu_times(fns: dict[str, Callable[[], Any]], repeats: int = 5,
+                               warmup: int = 1) -> dict[str, WallCpuTimes]:
+    """Wall and CPU time of every call of each function, timed round-robin (a, b, a, b, ...).
+
+    CPU time (``time.process_time``, all threads of this process) leaves out the time slices
+    lost to other processes, so on a shared CPU it is the steadier measure of the work a call
+    does; wall time still shows what a user waits. With one intra-op thread the two agree on an
+    idle machine. Not for CUDA, where the work is on the device (use wall time there).
+    """
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times = {name: WallCpuTimes([], []) for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            wall, cpu = time.perf_counter(), time.process_time()
+            fn()
+            times[name].cpu.append(time.process_time() - cpu)
+            times[name].wall.append(time.perf_counter() - wall)
+    return times
 
 
 # ----------------------------------------------------------------------------------------- FLOPs
