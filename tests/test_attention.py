@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
-from sagan_dist.models.attention import SelfAttention
+from sagan_dist.models.attention import SelfAttention, _query_chunks
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 FUSED_OP = "aten::_scaled_dot_product_flash_attention_for_cpu"
@@ -143,6 +143,30 @@ def test_fused_flash_kernel_runs_forward_and_backward(pool: bool, dtype: torch.d
     names = op_names(lambda: layer(x).sum().backward())
     assert FUSED_OP in names and FUSED_OP + "_backward" in names, sorted(names)
     assert MATH_OP not in names
+
+
+@pytest.mark.parametrize("pool", [False, True], ids=["full", "pooled"])
+def test_query_chunks_on_several_threads_keep_result_and_fused_kernel(pool: bool) -> None:
+    """At batch 1 on a multi-thread CPU the queries are split over SDPA's heads dimension."""
+    layer = make_layer(pool)
+    x = torch.randn(1, layer.query.in_channels, 8, 12, requires_grad=True)
+    threads = torch.get_num_threads()  # 1 under this suite's conftest: chunking is off
+    assert _query_chunks(1, 96, torch.device("cpu")) == 1
+    reference = layer(x)
+    reference.sum().backward()
+    reference_grad, x.grad = x.grad.clone(), None
+    torch.set_num_threads(4)
+    try:
+        assert _query_chunks(1, 96, torch.device("cpu")) == 4
+        out = layer(x)
+        names = op_names(lambda: layer(x).sum().backward())
+        x.grad = None
+        out.sum().backward()
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.allclose(out, reference, atol=1e-6)
+    assert torch.allclose(x.grad, reference_grad, atol=1e-5)
+    assert FUSED_OP in names and MATH_OP not in names
 
 
 def test_profiler_check_would_see_the_math_fallback() -> None:

@@ -42,8 +42,16 @@ class SelfAttention(nn.Module):
         q, k, v = (_tokens(t) for t in (q, k, v))  # (B, 1, N, C') with contiguous last dim
         pad = v.shape[-1] - q.shape[-1]
         q, k = F.pad(q, (0, pad)), F.pad(k, (0, pad))
+        chunks = _query_chunks(b, q.shape[2], x.device)
+        if chunks > 1:
+            # CPU flash attention parallelises over batch x heads only; at batch 1 its backward ran
+            # on one thread with MKL teams stalling on a busy core (10x slower). Query chunks in
+            # the heads dimension (keys/values expanded, no copy) give every thread work; each
+            # query's softmax still runs over all keys, so the result is the same.
+            q = q.view(b, chunks, -1, q.shape[-1])
+            k, v = k.expand(b, chunks, -1, -1), v.expand(b, chunks, -1, -1)
         o = F.scaled_dot_product_attention(q, k, v, scale=1.0)
-        return o.squeeze(1).transpose(1, 2).reshape(b, -1, h, w)
+        return o.reshape(b, -1, o.shape[-1]).transpose(1, 2).reshape(b, -1, h, w)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.gamma.to(x.dtype) * self.out(self.attend(x))
@@ -51,3 +59,12 @@ class SelfAttention(nn.Module):
 
 def _tokens(t: torch.Tensor) -> torch.Tensor:
     return t.flatten(2).transpose(1, 2).unsqueeze(1).contiguous()
+
+
+def _query_chunks(batch: int, queries: int, device: torch.device) -> int:
+    """Query chunks so that batch x chunks covers the CPU threads (1 on GPUs)."""
+    chunks = 1
+    if device.type == "cpu":
+        while batch * chunks < torch.get_num_threads() and queries % (2 * chunks) == 0:
+            chunks *= 2
+    return chunks
