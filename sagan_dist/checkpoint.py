@@ -119,11 +119,8 @@ def resolve_snapshot(path: str | Path) -> Path:
     if (p / STATE_FILE).is_file():
         return p
     if p.is_dir():
-        for snapshot in reversed(list_checkpoints(p)):
-            try:
-                load_state(snapshot)
-                return snapshot
-            except Exception as e:  # noqa: BLE001
-                log.warning("checkpoint %s is unreadable (%s); trying the previous one", snapshot, e)
-        raise CheckpointError(f"no valid checkpoint under {p} (looked in {checkpoints_dir(p)})")
+        found = load_latest(p, load_state)
+        if found is None:
+            raise CheckpointError(f"no valid checkpoint under {p} (looked in {checkpoints_dir(p)})")
+        return found[0]
     raise CheckpointError(f"checkpoint {p} does not exist")
