@@ -80,6 +80,36 @@ def all_reduce_max(value: float, device: torch.device) -> float:
     return float(t.item())
 
 
+def batch_statistics(module: torch.nn.Module) -> list[torch.Tensor]:
+    """The floating-point buffers that depend on each rank's batch: BatchNorm running statistics.
+
+    Spectral-norm u/v depend only on the (identical) weights, and ``num_batches_tracked`` counts
+    forwards, which every rank runs equally often; neither can drift apart between ranks.
+    """
+    stats = []
+    for m in module.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.track_running_stats:
+            stats += [m.running_mean, m.running_var]
+    return stats
+
+
+def broadcast_coalesced(tensors: list[torch.Tensor], src: int = 0) -> int:
+    """Rank ``src``'s values of ``tensors`` (one dtype) on every rank, in one collective.
+
+    Returns the number of collectives launched (0 or 1), for the benchmarks' accounting.
+    """
+    if not tensors or not is_distributed():
+        return 0
+    flat = torch.cat([t.detach().reshape(-1) for t in tensors])
+    dist.broadcast(flat, src=src)
+    offset = 0
+    with torch.no_grad():
+        for t in tensors:
+            t.copy_(flat[offset:offset + t.numel()].view_as(t))
+            offset += t.numel()
+    return 1
+
+
 def all_gather_tensor(t: torch.Tensor) -> torch.Tensor:
     """Concatenate equally shaped tensors from all ranks along dim 0."""
     if not is_distributed():
