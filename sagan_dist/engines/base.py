@@ -19,8 +19,11 @@ PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch
 
 @dataclass(frozen=True)
 class StepResult:
-    applied: bool  # False: non-finite gradients, the update was skipped
-    grad_norm: float
+    """What one update did, kept on the device: reading it on the host would stall a GPU's queue,
+    so the loop accumulates these and reads them at logging steps only."""
+
+    applied: torch.Tensor  # 0-dim bool: False = non-finite gradients, the update was skipped
+    grad_norm: torch.Tensor  # 0-dim float32 (nan where the engine does not know it)
 
 
 class Engine(ABC):
