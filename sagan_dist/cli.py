@@ -18,12 +18,15 @@ COMMANDS = {
               "Train a class-conditional SAGAN: sagan-dist train CONFIG... [key=value ...]"),
     "sample": ("sagan_dist.sample",
                "Write images (one PNG each, {class}_{index}.png) and a grid from a checkpoint's EMA generator"),
+    "attention": ("sagan_dist.attention_maps",
+                  "Draw where each self-attention query looks (one PNG sheet per layer, maps.pt) for "
+                  "a checkpoint's EMA generator, or its discriminator on real images"),
     "evaluate": ("sagan_dist.evaluation",
                  "Compute IS / FID / KID (torch-fidelity) of a checkpoint's EMA generator"),
     "make-shards": ("sagan_dist.data.shards",
                     "Write webdataset tar shards from an ImageFolder tree (e.g. ImageNet train)"),
-    "sync": ("sagan_dist.tracking",
-             "Replay MLflow records spooled in a run directory while the server was unreachable"),
+    "sync": ("sagan_dist.tracking.sync",
+             "Deliver MLflow records journaled in a run directory while the server was unreachable"),
 }
 
 

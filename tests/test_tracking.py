@@ -20,7 +20,7 @@ from PIL import Image
 from mlflow_server import mlflow_server, server  # noqa: F401 (fixtures)
 from sagan_dist import cli, config
 from sagan_dist.dist import DistInfo
-from sagan_dist.tracking import PENDING, Spool, Tracker, tracking_uri
+from sagan_dist.tracking import PENDING, Journal, Tracker, tracking_uri
 
 MAIN = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 
@@ -264,13 +264,13 @@ def test_server_that_never_answers_cannot_stall_training(tmp_path, monkeypatch, 
 
 
 def test_journal_survives_a_torn_last_line(tmp_path):
-    spool = Spool.create(tmp_path, "sqlite:///x.db", "e", "r")
-    spool.append_metrics({"loss_d": 1.0}, 1)
-    spool.append_metrics({"loss_d": 2.0}, 2)
-    spool.close()
-    with open(spool.records, "ab") as f:
+    journal = Journal.create(tmp_path, "sqlite:///x.db", "e", "r")
+    journal.append_metrics({"loss_d": 1.0}, 1)
+    journal.append_metrics({"loss_d": 2.0}, 2)
+    journal.close()
+    with open(journal.records, "ab") as f:
         f.write(b'{"seq":2,"t":1,"kind":"metr')  # the process died mid-write
-    reopened = Spool.acquire(spool.path)
+    reopened = Journal.acquire(journal.path)
     assert reopened.next_seq == 2 and reopened.last_steps == {"loss_d": 2}
     reopened.append_metrics({"loss_d": 3.0}, 3)
     assert [r["step"] for r, _ in reopened.pending()] == [1, 2, 3]
