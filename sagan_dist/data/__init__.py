@@ -2,11 +2,16 @@
 
 * ``prepare_data(cfg, run_dir) -> str`` (rank 0): the shard URL pattern of the run, writing the
   embedded digits shards first if ``data.source=digits`` (sources.py);
-* ``build_loader(cfg, shards, rank, world_size, seed) -> BatchStream`` (every rank): the reader
-  (loader.py);
+* ``build_loader(cfg, shards, rank, world_size, seed, device=None) -> BatchStream`` (every rank):
+  the reader (loader.py), read ahead by a thread; ``stream.next_batch(stop)`` raises
+  `StopRequested` or `DataStallError` instead of waiting for ever (stream.py);
 * ``sagan-dist make-shards SRC OUT``: ImageFolder / ImageNet tree -> shards (shards.py).
-"""
-from sagan_dist.data.loader import BatchStream, build_loader
-from sagan_dist.data.sources import prepare_data
 
-__all__ = ["BatchStream", "build_loader", "prepare_data"]
+images.py converts any image mode to RGB for both; procs.py starts and stops the reader's
+processes (DataLoader workers, ``pipe:`` commands).
+"""
+from sagan_dist.data.loader import build_loader
+from sagan_dist.data.sources import prepare_data
+from sagan_dist.data.stream import BatchStream, DataStallError, StopRequested
+
+__all__ = ["BatchStream", "DataStallError", "StopRequested", "build_loader", "prepare_data"]

@@ -25,6 +25,11 @@ skipped and counted (``stream.skipped``) with at most ``data.max_warnings`` warn
 A reader fails, naming the shard pattern, when a whole sequence of shards yields nothing, or when
 more than ``data.max_bad_fraction`` of its samples are bad.
 
+The DataLoader is read ahead by a thread and waited for with a deadline (stream.py); workers
+ignore the stop signals sent to the trainer's process group and are killed by ``close()``
+(procs.py). Images of any mode become RGB by one rule (images.py); an image over
+``data.max_pixels`` (from its header) is a bad sample.
+
 Everything random derives from ``seed`` (which must be the same on every rank): building the
 loader again with the same arguments yields the same batches in the same order, with or without
 worker processes (the DataLoader takes batches from its workers in a fixed round-robin).
@@ -39,6 +44,7 @@ import math
 import os
 import random
 import re
+import sys
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Optional, Sequence
 from urllib.parse import urlparse
@@ -48,8 +54,13 @@ import torch
 import webdataset as wds
 from omegaconf import DictConfig
 from PIL import Image
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import IterableDataset, get_worker_info
+from webdataset.tariterators import group_by_keys, tar_file_expander
 from webdataset.utils import make_seed
+
+from sagan_dist.data.images import open_capped, to_rgb
+from sagan_dist.data.procs import ShardOpener
+from sagan_dist.data.stream import BatchStream
 
 log = logging.getLogger(__name__)
 
@@ -152,14 +163,18 @@ def draft(img: Image.Image, box: tuple[float, ...], resolution: int) -> tuple[fl
 
 
 def decode_image(data: bytes, resolution: int, crop: str = "center", min_scale: float = 1.0,
-                 flip: bool = False, use_draft: bool = True, rng: Optional[random.Random] = None) -> torch.Tensor:
-    """Image bytes -> uint8 tensor (3, resolution, resolution): crop, resize, maybe flip."""
+                 flip: bool = False, use_draft: bool = True, rng: Optional[random.Random] = None,
+                 max_pixels: int = sys.maxsize) -> torch.Tensor:
+    """Image bytes -> uint8 tensor (3, resolution, resolution): crop, resize, maybe flip.
+
+    Any mode is converted by images.to_rgb; more than ``max_pixels`` (from the header) is refused.
+    """
     rng = rng or random.Random(0)
-    with Image.open(io.BytesIO(data)) as img:
+    with open_capped(data, max_pixels, "data.max_pixels") as img:
         box = crop_box(img.size, crop, min_scale, rng)
         if use_draft:
             box = draft(img, box, resolution)
-        rgb = img if img.mode == "RGB" else img.convert("RGB")
+        rgb = to_rgb(img)
         out = rgb.resize((resolution, resolution), Image.Resampling.BILINEAR, box=box)
     if flip and rng.random() < 0.5:
         out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
@@ -186,6 +201,7 @@ class ReaderSpec:
     flip: bool
     max_warnings: int  # per reader
     max_bad_fraction: float
+    max_pixels: int
 
 
 class _Tally:
@@ -263,20 +279,24 @@ def decode_sample(sample: dict[str, Any], spec: ReaderSpec, rng: random.Random) 
         data = next((sample[k] for k in IMAGE_KEYS if k in sample), None)
         if data is None:
             raise BadSample(f"no image (.{', .'.join(IMAGE_KEYS)})")
-        image = decode_image(data, spec.resolution, spec.crop, spec.min_scale, spec.flip, spec.use_draft, rng)
+        image = decode_image(data, spec.resolution, spec.crop, spec.min_scale, spec.flip, spec.use_draft, rng,
+                             spec.max_pixels)
     except Exception as e:
         raise BadSample(f"{sample.get('__url__')}: sample {sample.get('__key__')!r}: {e}") from e
     return image, label
 
 
-def reader_samples(spec: ReaderSpec, worker: int, workers: int, tally: _Tally) -> Iterator[tuple[torch.Tensor, int]]:
+def reader_samples(spec: ReaderSpec, worker: int, workers: int, tally: _Tally,
+                   opener: ShardOpener) -> Iterator[tuple[torch.Tensor, int]]:
     """One reader's decoded samples, pass after pass, for ever."""
     shards_of = _pass_shards(spec, worker, workers)
     augment = random.Random(make_seed(spec.seed, spec.rank, worker))
     for epoch in itertools.count():
         urls = shards_of(epoch)
-        samples = wds.tarfile_samples([{"url": u} for u in urls], handler=tally.read_failed,
-                                      select_files=_wanted)
+        # webdataset's tarfile_samples, with our opener: it can end a stalled pipe: command.
+        files = tar_file_expander(opener.streams(urls, tally.read_failed), handler=tally.read_failed,
+                                  select_files=_wanted)
+        samples = group_by_keys(files, handler=tally.read_failed)
         if spec.shuffle_buffer > 1:
             rng = random.Random(make_seed(spec.seed, spec.rank, worker, epoch))
             samples = wds.shuffle(spec.shuffle_buffer, initial=spec.shuffle_buffer, rng=rng)(samples)
@@ -300,64 +320,25 @@ class _RankDataset(IterableDataset):
     def __init__(self, spec: ReaderSpec) -> None:
         super().__init__()
         self.spec = spec
+        self.opener = ShardOpener()  # a worker gets a fresh one (ShardOpener.__getstate__)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         tally = _Tally(self.spec, worker)
-        samples = reader_samples(self.spec, worker, workers, tally)
+        samples = reader_samples(self.spec, worker, workers, tally, self.opener)
         for images, labels in wds.batched(self.spec.batch, collation_fn=_collate, partial=False)(samples):
             # The counts ride along with the batch: workers have no other way back to the rank.
             yield images, labels, torch.tensor([worker, tally.skipped, tally.bad_shards])
 
 
 # ------------------------------------------------------------------------------ the rank's stream
-class BatchStream:
-    """Infinite iterator of (images float32 (b, 3, R, R) in [-1, 1], labels int64 (b,)).
-
-    ``skipped``: bad samples plus unreadable shards met so far on this rank (``bad_shards``: the
-    latter alone). ``epoch_batches``: batches per rank in one epoch of ``data.epoch_samples`` (or
-    the index's total), None when unknown.
-    """
-
-    def __init__(self, spec: ReaderSpec, workers: int, epoch_batches: Optional[int]) -> None:
-        self.spec, self.epoch_batches = spec, epoch_batches
-        self._loader = DataLoader(
-            _RankDataset(spec), batch_size=None, num_workers=workers,
-            pin_memory=torch.cuda.is_available(),
-            # Its own generator: creating the workers must not draw from the global torch RNG.
-            generator=torch.Generator().manual_seed(spec.seed))
-        self._batches: Optional[Iterator] = None
-        self._counts: dict[int, tuple[int, int]] = {}
-
-    @property
-    def skipped(self) -> int:
-        return sum(c[0] for c in self._counts.values())
-
-    @property
-    def bad_shards(self) -> int:
-        return sum(c[1] for c in self._counts.values())
-
-    def __iter__(self) -> "BatchStream":
-        return self
-
-    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
-        if self._batches is None:
-            self._batches = iter(self._loader)
-        images, labels, counts = next(self._batches)
-        worker, skipped, bad_shards = (int(c) for c in counts)
-        self._counts[worker] = (skipped, bad_shards)
-        return images, labels
-
-    def close(self) -> None:
-        """Stop the worker processes (dropping the DataLoader's iterator shuts them down)."""
-        self._batches = None
-
-
-def build_loader(cfg: DictConfig, shards: str, rank: int, world_size: int, seed: int) -> BatchStream:
+def build_loader(cfg: DictConfig, shards: str, rank: int, world_size: int, seed: int,
+                 device: Optional[torch.device] = None) -> BatchStream:
     """The infinite batch stream of ``rank`` out of ``world_size``; same arguments, same batches.
 
-    Micro-batch b = train.batch_size // (world_size * train.accumulation).
+    Micro-batch b = train.batch_size // (world_size * train.accumulation). Batches come on
+    ``device`` when it is given (copied ahead on a side stream when it is CUDA).
     """
     d, t = cfg.data, cfg.train
     urls = shard_urls(shards)
@@ -373,6 +354,9 @@ def build_loader(cfg: DictConfig, shards: str, rank: int, world_size: int, seed:
         resolution=cfg.model.resolution, num_classes=d.num_classes, resampled=d.resampled,
         shuffle_buffer=d.shuffle_buffer, use_draft=d.decode == "draft", crop=d.crop,
         min_scale=d.min_scale, flip=d.flip, max_warnings=math.ceil(d.max_warnings / readers),
-        max_bad_fraction=d.max_bad_fraction)
+        max_bad_fraction=d.max_bad_fraction, max_pixels=d.max_pixels)
     total = d.epoch_samples or index_total(urls)
-    return BatchStream(spec, d.workers, total // (world_size * batch) if total else None)
+    dataset = _RankDataset(spec)
+    return BatchStream(dataset, dataset.opener, pattern=shards, rank=rank, seed=seed, workers=d.workers,
+                       epoch_batches=total // (world_size * batch) if total else None,
+                       stall_timeout_s=d.stall_timeout_s, device=device)
