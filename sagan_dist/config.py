@@ -67,6 +67,9 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
+    # a rank that gets no batch for this long stops with DataStallError (stalled storage or pipe:)
+    stall_timeout_s: float = 600.0
+    max_pixels: int = 64_000_000  # images larger than this (read from the header) are skipped
     run_dir: str = "runs/demo"
     steps: int = 600  # generator steps; each is preceded by n_critic discriminator steps
     batch_size: int = 64  # global batch per D or G step, over all ranks and accumulation rounds
@@ -315,6 +318,8 @@ def _validate_deepspeed_extra(cfg: DictConfig) -> None:
                f"unset (derived from {instead})")
     stage = OmegaConf.select(extra, "zero_optimization.stage")
     _check(stage is None, "deepspeed.extra.zero_optimization.stage", stage, "unset (set deepspeed.zero_stage)")
+    for key in ("data.stall_timeout_s", "data.max_pixels"):  # data reader: stall deadline, pixel cap
+        _positive(cfg, key)
     for section in ("bf16", "fp16"):
         enabled = OmegaConf.select(extra, f"{section}.enabled")
         _check(not enabled or cfg.train.precision == section, f"deepspeed.extra.{section}.enabled", enabled,
