@@ -63,13 +63,13 @@ class DataConfig:
     epoch_samples: int = 0  # samples per epoch over all ranks (stream.epoch_batches); 0 = index
     max_warnings: int = 20  # warnings per rank about bad samples before they are only counted
     max_bad_fraction: float = 0.2  # a reader fails once this share of >= 500 samples is bad
+    # a rank that gets no batch for this long stops with DataStallError (stalled storage or pipe:)
+    stall_timeout_s: float = 600.0
+    max_pixels: int = 64_000_000  # images larger than this (read from the header) are skipped
 
 
 @dataclass
 class TrainConfig:
-    # a rank that gets no batch for this long stops with DataStallError (stalled storage or pipe:)
-    stall_timeout_s: float = 600.0
-    max_pixels: int = 64_000_000  # images larger than this (read from the header) are skipped
     run_dir: str = "runs/demo"
     steps: int = 600  # generator steps; each is preceded by n_critic discriminator steps
     batch_size: int = 64  # global batch per D or G step, over all ranks and accumulation rounds
@@ -272,6 +272,8 @@ def validate(cfg: DictConfig, world_size: int = 1) -> None:
            "0 < max_bad_fraction <= 1 (1 = never fail)")
     for key in ("data.workers", "data.shuffle_buffer", "data.epoch_samples", "data.max_warnings"):
         _positive(cfg, key, strict=False)
+    for key in ("data.stall_timeout_s", "data.max_pixels"):  # data reader: stall deadline, pixel cap
+        _positive(cfg, key)
     for key in ("train.steps", "train.batch_size", "train.accumulation", "train.n_critic",
                 "train.log_every", "train.sample_every", "train.checkpoint_every",
                 "train.keep_checkpoints", "train.samples_per_class", "train.max_bad_steps"):
@@ -318,8 +320,6 @@ def _validate_deepspeed_extra(cfg: DictConfig) -> None:
                f"unset (derived from {instead})")
     stage = OmegaConf.select(extra, "zero_optimization.stage")
     _check(stage is None, "deepspeed.extra.zero_optimization.stage", stage, "unset (set deepspeed.zero_stage)")
-    for key in ("data.stall_timeout_s", "data.max_pixels"):  # data reader: stall deadline, pixel cap
-        _positive(cfg, key)
     for section in ("bf16", "fp16"):
         enabled = OmegaConf.select(extra, f"{section}.enabled")
         _check(not enabled or cfg.train.precision == section, f"deepspeed.extra.{section}.enabled", enabled,
