@@ -36,7 +36,6 @@ worker processes (the DataLoader takes batches from its workers in a fixed round
 """
 from __future__ import annotations
 
-import io
 import itertools
 import json
 import logging
