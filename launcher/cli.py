@@ -9,6 +9,7 @@ DeepSpeed runner over a hostfile), ``k8s`` (render and apply Kubernetes manifest
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import shlex
 import sys
 from pathlib import Path
@@ -16,10 +17,10 @@ from typing import Callable, Sequence
 
 from omegaconf import DictConfig
 
-from sagan_dist import config
 from sagan_dist.config import ConfigError
 
-from launcher import LauncherError, k8s, kube, local, split_items
+from launcher import LauncherError, k8s, kube, local, network, split_items
+from launcher.checks import int_at_least, load_for_nodes, port_or_zero
 from launcher.manifests import FLAVORS
 
 ITEMS_HELP = ("YAML configs (paths, or shipped names: demo, imagenet128, imagenet256) and key=value "
@@ -30,14 +31,27 @@ def _local_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("local", help="Train on this host with torchrun (one node of several with --nnodes)",
                        description="Run `sagan-dist train` under torchrun (python -m torch.distributed.run): "
                                    "--nproc processes on this host; with --nnodes > 1, run the same command "
-                                   "on every node with its --node-rank and node 0's --master.")
-    p.add_argument("--nproc", type=int, default=1, help="processes on this node (one per GPU; CPU: gloo)")
-    p.add_argument("--nnodes", type=int, default=1, help="number of nodes (default 1: standalone)")
-    p.add_argument("--node-rank", type=int, default=0, help="this node's rank in [0, nnodes)")
-    p.add_argument("--master", default="", metavar="ADDR:PORT", help="node 0's address and a free port")
-    p.add_argument("--max-restarts", type=int, default=0,
-                   help="torchrun restarts of the worker group after a failure (each resumes from a snapshot)")
-    p.add_argument("--print-command", action="store_true", help="print the torchrun command instead of running it")
+                                   "on every node with its --node-rank and node 0's --master; with --nnodes "
+                                   "MIN:MAX, elastically (c10d rendezvous at --master; nodes may leave and "
+                                   "rejoin, each change resumes from the last snapshot). For several nodes "
+                                   "GLOO_SOCKET_IFNAME/NCCL_SOCKET_IFNAME are set to the interface whose "
+                                   "route reaches --master, unless already set.")
+    p.add_argument("--nproc", type=int_at_least(1), default=1, help="processes on this node (one per GPU; CPU: gloo)")
+    p.add_argument("--nnodes", default="1", metavar="N|MIN:MAX",
+                   help="number of nodes (default 1: standalone); MIN:MAX: elastic, any count in the range")
+    p.add_argument("--node-rank", type=int, default=None,
+                   help="this node's rank in [0, nnodes) (default 0; not with MIN:MAX)")
+    p.add_argument("--master", default="", metavar="ADDR:PORT",
+                   help="node 0's address and a free port (elastic: the rendezvous store's host, one of the nodes)")
+    p.add_argument("--rdzv-id", default="", help="elastic: the job's id, the same on every node "
+                                                 "(default: derived from train.run_dir)")
+    p.add_argument("--iface", default="", help="network interface for gloo/NCCL (default: the one whose route "
+                                               "reaches --master)")
+    p.add_argument("--max-restarts", type=int_at_least(0), default=None,
+                   help="torchrun restarts of the worker group after a failure, each resuming from a snapshot "
+                        "(default 0; elastic: 3, as a lost node fails the others' collectives)")
+    p.add_argument("--print-command", action="store_true",
+                   help="print the torchrun command (with its environment variables) instead of running it")
     p.add_argument("items", nargs="*", metavar="CONFIG_OR_OVERRIDE", help=ITEMS_HELP)
     p.set_defaults(func=_run_local)
 
@@ -49,10 +63,10 @@ def _deepspeed_parser(sub: argparse._SubParsersAction) -> None:
                                    "the hostfile (over pdsh/ssh for more than one). The engine is the config's: "
                                    "add engine=deepspeed for DeepSpeed's ZeRO engine.")
     p.add_argument("--hostfile", type=Path, required=True, help="MPI-style hostfile: one 'HOST slots=N' per line")
-    p.add_argument("--nproc", type=int, default=0, help="processes (GPUs) per host; 0: all slots")
-    p.add_argument("--nnodes", type=int, default=0, help="use the first N hosts; 0: all")
+    p.add_argument("--nproc", type=int_at_least(0), default=0, help="processes (GPUs) per host; 0: all slots")
+    p.add_argument("--nnodes", type=int_at_least(0), default=0, help="use the first N hosts; 0: all")
     p.add_argument("--master-addr", default="", help="address of the first host (default: the runner's guess)")
-    p.add_argument("--master-port", type=int, default=0, help="rendezvous port (default: a free one)")
+    p.add_argument("--master-port", type=port_or_zero, default=0, help="rendezvous port (default: a free one)")
     p.add_argument("--print-command", action="store_true", help="print the runner command instead of running it")
     p.add_argument("items", nargs="*", metavar="CONFIG_OR_OVERRIDE", help=ITEMS_HELP)
     p.set_defaults(func=_run_deepspeed)
@@ -67,21 +81,28 @@ def _k8s_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--flavor", choices=FLAVORS, default="trainjob",
                    help="trainjob: Kubeflow Trainer v2; pytorchjob: training operator v1; "
                         "indexed-job: plain batch/v1 Job + headless Service")
-    p.add_argument("--image", required=True, help="the sagan-dist image (built from the Dockerfile)")
-    p.add_argument("--nodes", type=int, default=1, help="pods, one per node")
-    p.add_argument("--gpus-per-node", type=int, default=0, help="nvidia.com/gpu per pod; 0: CPU only")
-    p.add_argument("--procs-per-node", type=int, default=0, help="trainer processes per pod (default: one per GPU, or 1)")
-    p.add_argument("--cpus-per-node", type=int, default=0, help="CPU request per pod (default: 8 per process)")
-    p.add_argument("--memory-per-node", type=int, default=0, metavar="GIB", help="memory per pod (default: 32 GiB per process)")
-    p.add_argument("--shm-size", type=int, default=0, metavar="GIB", help="/dev/shm size (default: a quarter of the memory)")
+    p.add_argument("--image", required=True,
+                   help="the sagan-dist image (built from the Dockerfile): REGISTRY/REPO:TAG, "
+                        "REGISTRY/REPO@sha256:DIGEST or REGISTRY/REPO:TAG@sha256:DIGEST")
+    p.add_argument("--nodes", type=int_at_least(1), default=1, help="pods, one per node")
+    p.add_argument("--gpus-per-node", type=int_at_least(0), default=0, help="nvidia.com/gpu per pod; 0: CPU only")
+    p.add_argument("--procs-per-node", type=int_at_least(0), default=0,
+                   help="trainer processes per pod (0, the default: one per GPU, or 1)")
+    p.add_argument("--cpus-per-node", type=int_at_least(0), default=0,
+                   help="CPU request per pod (0, the default: 8 per process)")
+    p.add_argument("--memory-per-node", type=int_at_least(0), default=0, metavar="GIB",
+                   help="memory per pod (0, the default: 32 GiB per process)")
+    p.add_argument("--shm-size", type=int_at_least(0), default=0, metavar="GIB",
+                   help="/dev/shm size (0, the default: a quarter of the memory)")
     p.add_argument("--name", default="", help="run name; default sagan-<config>, so a resubmission resumes the run")
     p.add_argument("--namespace", default=None, help="namespace (default: kubectl's current one)")
     p.add_argument("--runs-claim", default="sagan-runs", help="PVC for run directories (snapshots, samples)")
     p.add_argument("--data-claim", default="sagan-data", help="PVC with the shards, mounted read-only at /data")
     p.add_argument("--tracking-uri", default="http://sagan-mlflow:5000", help="MLflow server the pods report to")
-    p.add_argument("--grace-period", type=int, default=120, help="seconds from SIGTERM to SIGKILL (snapshot time)")
-    p.add_argument("--max-restarts", type=int, default=3, help="restarts of the whole job after failures")
-    p.add_argument("--elastic-min-nodes", type=int, default=0,
+    p.add_argument("--grace-period", type=int_at_least(30), default=120,
+                   help="seconds from SIGTERM to SIGKILL (snapshot time; >= 30)")
+    p.add_argument("--max-restarts", type=int_at_least(0), default=3, help="restarts of the whole job after failures")
+    p.add_argument("--elastic-min-nodes", type=int_at_least(0), default=0,
                    help="pytorchjob only: run elastically with between this many and --nodes nodes")
     p.add_argument("--dry-run", action="store_true", help="print the manifests instead of applying them")
     p.add_argument("items", nargs="*", metavar="CONFIG_OR_OVERRIDE", help=ITEMS_HELP)
@@ -116,25 +137,28 @@ def build_parser() -> argparse.ArgumentParser:
 # ---- commands -----------------------------------------------------------------------------------
 def _check_config(items: Sequence[str], world_size: int) -> DictConfig:
     """Resolve the config as the trainer will, so that mistakes fail before N processes start."""
-    yamls, overrides = split_items(items)
-    if not yamls:
-        raise ConfigError("no CONFIG given: name a YAML file or a shipped config such as 'demo'")
-    return config.load(yamls, overrides, world_size=world_size)
+    return load_for_nodes(items, [1], world_size)
 
 
-def _start(cmd: list[str], print_only: bool) -> int:
+def _start(cmd: list[str], print_only: bool, env: dict[str, str] | None = None) -> int:
     if print_only:
-        print(shlex.join(cmd))
+        print(shlex.join([*(f"{k}={v}" for k, v in (env or {}).items()), *cmd]))
         return 0
-    local.exec_command(cmd)
+    local.exec_command(cmd, env)
     return 0  # not reached: exec replaced this process
 
 
 def _run_local(args: argparse.Namespace) -> int:
-    rdzv = local.Rendezvous(args.nnodes, args.node_rank, args.master)
-    cmd = local.torchrun_command(args.nproc, rdzv, args.items, args.max_restarts)
-    _check_config(args.items, args.nproc * args.nnodes)
-    return _start(cmd, args.print_command)
+    low, high, elastic = local.parse_nnodes(args.nnodes)
+    rdzv = local.Rendezvous(low, high, args.node_rank, args.master, elastic, args.rdzv_id)
+    max_restarts = args.max_restarts if args.max_restarts is not None else (3 if elastic else 0)
+    local.torchrun_command(args.nproc, rdzv, args.items, max_restarts)  # refuses bad options first
+    cfg = load_for_nodes(args.items, range(low, high + 1), args.nproc)
+    if elastic and not args.rdzv_id:
+        rdzv = dataclasses.replace(rdzv, rdzv_id=local.default_rdzv_id(str(cfg.train.run_dir)))
+    cmd = local.torchrun_command(args.nproc, rdzv, args.items, max_restarts)
+    env = network.socket_env(local.split_master(args.master)[0], args.iface) if rdzv.multi_node else {}
+    return _start(cmd, args.print_command, env)
 
 
 def _run_deepspeed(args: argparse.Namespace) -> int:

@@ -8,12 +8,15 @@ so they always belong to the environment sagan-dist is installed in.
 """
 from __future__ import annotations
 
+import hashlib
 import os
+import re
+import shlex
 import socket
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 from launcher import LauncherError
 
@@ -22,35 +25,69 @@ TRAIN = ["--module", "sagan_dist.cli", "train"]
 
 @dataclass(frozen=True)
 class Rendezvous:
-    """Where the node's processes meet: standalone on this host, or node 0 of several."""
+    """Where the node's processes meet: standalone on this host, node ``node_rank`` of a fixed
+    number (static rendezvous on node 0), or one of MIN..MAX nodes (elastic, c10d)."""
 
-    nnodes: int = 1
-    node_rank: int = 0
-    master: str = ""  # ADDR:PORT of node 0; "" when nnodes == 1
+    min_nodes: int = 1
+    max_nodes: int = 1
+    node_rank: int | None = None
+    master: str = ""  # ADDR:PORT of node 0, or of the c10d store when elastic
+    elastic: bool = False  # --nnodes MIN:MAX
+    rdzv_id: str = ""  # elastic: the job's id, the same on every node
+
+    @property
+    def multi_node(self) -> bool:
+        return self.max_nodes > 1 or self.elastic
 
     def torchrun_flags(self) -> list[str]:
-        if self.nnodes == 1:
+        if not self.multi_node:
             # c10d rendezvous on localhost with a free port: several local runs never collide.
             return ["--standalone", "--nnodes=1"]
         addr, port = split_master(self.master)
-        return [f"--nnodes={self.nnodes}", f"--node-rank={self.node_rank}",
+        if self.elastic:
+            # c10d: the node whose address is the endpoint hosts the store; ranks are assigned at
+            # each rendezvous, so nodes may leave and (re)join between MIN and MAX.
+            return [f"--nnodes={self.min_nodes}:{self.max_nodes}", "--rdzv-backend=c10d",
+                    f"--rdzv-endpoint={_join_host_port(addr, port)}", f"--rdzv-id={self.rdzv_id}"]
+        return [f"--nnodes={self.max_nodes}", f"--node-rank={self.node_rank or 0}",
                 f"--master-addr={addr}", f"--master-port={port}"]
+
+
+def parse_nnodes(text: str) -> tuple[int, int, bool]:
+    """``N`` or ``MIN:MAX`` -> (min, max, elastic)."""
+    parts = text.split(":")
+    if len(parts) > 2 or not all(p.strip().isdigit() for p in parts):
+        raise LauncherError(f"--nnodes {text!r} must be N or MIN:MAX (e.g. 2, or 1:4 for elastic)")
+    low, high = int(parts[0]), int(parts[-1])
+    if low < 1 or high < low:
+        raise LauncherError(f"--nnodes {text!r}: need 1 <= MIN <= MAX")
+    return low, high, len(parts) == 2
 
 
 def split_master(master: str) -> tuple[str, int]:
     addr, sep, port = master.rpartition(":")
     if not sep or not addr or not port.isdigit() or not 0 < int(port) < 65536:
         raise LauncherError(f"--master {master!r} must be ADDR:PORT of node 0, e.g. 10.0.0.1:29500")
-    return addr, int(port)
+    return addr.strip("[]"), int(port)  # [::1]:29500 -> ::1
+
+
+def _join_host_port(addr: str, port: int) -> str:
+    return f"[{addr}]:{port}" if ":" in addr else f"{addr}:{port}"
 
 
 def check_rendezvous(rdzv: Rendezvous) -> None:
-    if rdzv.nnodes < 1:
-        raise LauncherError("--nnodes must be >= 1")
-    if rdzv.nnodes > 1 and not rdzv.master:
+    if rdzv.multi_node and not rdzv.master:
         raise LauncherError("--nnodes > 1 needs --master ADDR:PORT (node 0's address, the same on every node)")
-    if not 0 <= rdzv.node_rank < rdzv.nnodes:
-        raise LauncherError(f"--node-rank {rdzv.node_rank} must be in [0, {rdzv.nnodes})")
+    if rdzv.elastic and rdzv.node_rank is not None:
+        raise LauncherError("--node-rank does not apply to --nnodes MIN:MAX: the c10d rendezvous assigns ranks")
+    if not rdzv.elastic and not 0 <= (rdzv.node_rank or 0) < rdzv.max_nodes:
+        raise LauncherError(f"--node-rank {rdzv.node_rank} must be in [0, {rdzv.max_nodes})")
+
+
+def default_rdzv_id(run_dir: str) -> str:
+    """Stable per run: every node derives the same id from the same train.run_dir, and a
+    resubmission of the run meets under the same id."""
+    return "sagan-" + hashlib.sha256(run_dir.encode()).hexdigest()[:12]
 
 
 def torchrun_command(nproc: int, rdzv: Rendezvous, train_items: Sequence[str],
@@ -58,6 +95,8 @@ def torchrun_command(nproc: int, rdzv: Rendezvous, train_items: Sequence[str],
     """``python -m torch.distributed.run ... --module sagan_dist.cli train CONFIG... key=value...``"""
     if nproc < 1:
         raise LauncherError("--nproc must be >= 1")
+    if max_restarts < 0:
+        raise LauncherError("--max-restarts must be >= 0")
     check_rendezvous(rdzv)
     return [sys.executable, "-m", "torch.distributed.run", *rdzv.torchrun_flags(),
             f"--nproc-per-node={nproc}", f"--max-restarts={max_restarts}", *TRAIN, *train_items]
@@ -101,6 +140,12 @@ def deepspeed_command(hostfile: Path, nproc: int, nnodes: int, master_addr: str,
     parser would reject the ``--local_rank=N`` the runner appends otherwise. With one host the
     runner starts the processes here, so its ssh probe of that host is skipped and the
     rendezvous is on 127.0.0.1.
+
+    How the train items travel depends on the path the runner takes. With one host it starts
+    the processes itself with an argument list: items go as they are. With several it runs
+    pdsh, which joins everything into one line for each host's remote shell: items are then
+    quoted for that shell (`remote_quote`), so ``train.run_dir=/runs/a;id`` stays one argument
+    and runs nothing.
     """
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--hostfile", str(hostfile)]
     if nproc > 0:
@@ -112,12 +157,26 @@ def deepspeed_command(hostfile: Path, nproc: int, nnodes: int, master_addr: str,
         master_addr = master_addr or "127.0.0.1"
     if master_addr:
         cmd += ["--master_addr", master_addr]
-    return [*cmd, "--master_port", str(master_port), "--no_local_rank", *TRAIN, *train_items]
+    items = list(train_items) if single_host else [remote_quote(i) for i in train_items]
+    return [*cmd, "--master_port", str(master_port), "--no_local_rank", *TRAIN, *items]
 
 
-def exec_command(cmd: list[str]) -> None:
+def remote_quote(item: str) -> str:
+    """Quote ``item`` for the remote shell of DeepSpeed's pdsh path.
+
+    DeepSpeed's PDSHRunner.parse_user_args wraps an item containing a space in double quotes
+    (escaping only ``"``), so such items must not be single-quoted as well: for them, escape
+    what stays special inside double quotes (backslash, ``$``, backquote). Items without a
+    space are left alone by DeepSpeed and get ordinary POSIX single quotes.
+    """
+    if " " not in item:
+        return shlex.quote(item)
+    return re.sub(r"([\\$`])", r"\\\1", item)
+
+
+def exec_command(cmd: list[str], env: Mapping[str, str] | None = None) -> None:
     """Become the launcher: signals (Ctrl-C, a scheduler's SIGTERM) then reach torchrun directly,
-    which forwards them to the trainer processes."""
+    which forwards them to the trainer processes. ``env`` is added to this environment."""
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execv(cmd[0], cmd)
+    os.execve(cmd[0], cmd, {**os.environ, **(env or {})})

@@ -29,16 +29,21 @@ def test_items_may_follow_the_options_in_any_order(capsys):
 
 def test_local_multi_node_uses_static_rendezvous_on_node_zero(capsys):
     cmd = printed_command(capsys, "local", "--nproc", "4", "--nnodes", "2", "--node-rank", "1",
-                          "--master", "10.0.0.5:29501", "--max-restarts", "2", "demo")
-    assert cmd[3:9] == ["--nnodes=2", "--node-rank=1", "--master-addr=10.0.0.5", "--master-port=29501",
-                        "--nproc-per-node=4", "--max-restarts=2"]
+                          "--master", "127.0.0.2:29501", "--max-restarts", "2", "--iface", "lo", "demo")
+    assert cmd[:2] == ["GLOO_SOCKET_IFNAME=lo", "NCCL_SOCKET_IFNAME=lo"]
+    assert cmd[5:11] == ["--nnodes=2", "--node-rank=1", "--master-addr=127.0.0.2", "--master-port=29501",
+                         "--nproc-per-node=4", "--max-restarts=2"]
 
 
 @pytest.mark.parametrize("args, message", [
     (["--nnodes", "2"], "needs --master"),
     (["--nnodes", "2", "--master", "10.0.0.5"], "ADDR:PORT"),
     (["--nnodes", "2", "--master", "h:1", "--node-rank", "2"], "--node-rank 2"),
-    (["--nproc", "0"], "--nproc"),
+    (["--nnodes", "0"], "1 <= MIN <= MAX"),
+    (["--nnodes", "3:2", "--master", "127.0.0.1:1"], "1 <= MIN <= MAX"),
+    (["--nnodes", "1:2:3"], "N or MIN:MAX"),
+    (["--nnodes", "-2"], "N or MIN:MAX"),
+    (["--nnodes", "1:2", "--master", "127.0.0.1:1", "--node-rank", "1"], "--node-rank does not apply"),
 ])
 def test_local_refuses_inconsistent_rendezvous(capsys, args, message):
     assert main(["local", *args, "demo", "--print-command"]) == 1
@@ -104,3 +109,106 @@ def test_deepspeed_on_one_host_skips_the_ssh_probe_and_meets_on_localhost(capsys
     cmd = printed_command(capsys, "deepspeed", "--hostfile", str(hostfile), "--nproc", "2", "demo")
     assert cmd[cmd.index("--no_ssh_check") + 1:cmd.index("--master_port")] == ["--master_addr", "127.0.0.1"]
     assert int(cmd[cmd.index("--master_port") + 1]) > 0  # a free port, not DeepSpeed's fixed 29500
+
+
+@pytest.mark.parametrize("command, flag, value", [
+    ("local", "--nproc", "0"), ("local", "--nproc", "-1"), ("local", "--max-restarts", "-1"),
+    ("deepspeed", "--nproc", "-1"), ("deepspeed", "--nnodes", "-2"), ("deepspeed", "--master-port", "70000"),
+    ("k8s", "--nodes", "0"), ("k8s", "--nodes", "-1"), ("k8s", "--gpus-per-node", "-1"),
+    ("k8s", "--procs-per-node", "-2"), ("k8s", "--cpus-per-node", "-8"), ("k8s", "--memory-per-node", "-1"),
+    ("k8s", "--shm-size", "-1"), ("k8s", "--grace-period", "-5"), ("k8s", "--max-restarts", "-1"),
+    ("k8s", "--elastic-min-nodes", "-1"), ("k8s", "--nodes", "two"),
+])
+def test_negative_or_zero_resources_are_refused_naming_the_flag(capsys, tmp_path, command, flag, value):
+    extra = {"deepspeed": ["--hostfile", str(tmp_path / "h")], "k8s": ["--image", "r/i:1", "--dry-run"]}
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, *extra.get(command, []), flag, value, "demo"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {flag}" in err and value in err
+
+
+def test_zero_means_default_where_it_says_so(capsys):
+    assert main(["k8s", "demo", "--image", "r/i:1", "--dry-run", "--shm-size", "0", "--cpus-per-node", "0",
+                 "--memory-per-node", "0", "--gpus-per-node", "0", "--procs-per-node", "0",
+                 "--elastic-min-nodes", "0"]) == 0
+    assert "kind: TrainJob" in capsys.readouterr().out
+
+
+# ---- elastic ------------------------------------------------------------------------------------
+def test_elastic_range_runs_torchrun_with_c10d_and_a_run_derived_id(capsys):
+    args = ["local", "--nproc", "2", "--nnodes", "1:4", "--master", "127.0.0.1:29400", "demo",
+            "train.batch_size=48", "train.run_dir=/runs/e1"]
+    cmd = printed_command(capsys, *args)
+    flags = cmd[cmd.index("torch.distributed.run") + 1:cmd.index("--module")]
+    rdzv_id = next(f for f in flags if f.startswith("--rdzv-id="))
+    assert flags == ["--nnodes=1:4", "--rdzv-backend=c10d", "--rdzv-endpoint=127.0.0.1:29400", rdzv_id,
+                     "--nproc-per-node=2", "--max-restarts=3"]
+    assert printed_command(capsys, *args)[cmd.index(rdzv_id)] == rdzv_id  # the same on every node
+    other = printed_command(capsys, *args[:-1], "train.run_dir=/runs/e2")
+    assert rdzv_id not in other  # another run, another rendezvous
+    assert f"--rdzv-id=job7" in printed_command(capsys, *args, "--rdzv-id", "job7")
+
+
+def test_elastic_range_checks_every_world_size_and_names_the_one_that_fails(capsys):
+    # 1..3 nodes x 2: 2 and 4 split demo's 64, 6 does not.
+    assert main(["local", "--nproc", "2", "--nnodes", "1:3", "--master", "127.0.0.1:29400", "demo",
+                 "--print-command"]) == 2
+    err = capsys.readouterr().err
+    assert "with 3 node(s) x 2 process(es) = 6" in err and "train.batch_size" in err
+
+
+def test_elastic_range_with_zero_sharded_deepspeed_is_refused(capsys):
+    assert main(["local", "--nnodes", "1:2", "--master", "127.0.0.1:29400", "demo", "engine=deepspeed",
+                 "deepspeed.zero_stage=2", "--print-command"]) == 1
+    assert "ZeRO 2 cannot resume" in capsys.readouterr().err
+
+
+def test_an_override_yaml_cannot_parse_is_a_config_error_naming_it(capsys):
+    assert main(["local", "demo", "tracking.run_name=`x`", "--print-command"]) == 2
+    assert "tracking.run_name=`x`" in capsys.readouterr().err
+
+
+# ---- DeepSpeed over pdsh: what the remote shell receives ---------------------------------------
+HOSTILE = ["train.run_dir=/runs/a;id", "tracking.experiment=$(touch CANARY)", "tracking.run_name=a`touch CANARY`",
+           "tracking.experiment=it's \"quoted\" $HOME \\ \\$x", "tracking.run_name=two words; touch CANARY",
+           "tracking.run_name=line1\nline2", "tracking.run_name=tab\there&&touch CANARY|x>y<z*"]
+
+
+def remote_line(cmd: list[str]) -> str:
+    """The line pdsh hands each host's shell, built by DeepSpeed's own PDSHRunner from our argv."""
+    from deepspeed.launcher.multinode_runner import PDSHRunner
+    from deepspeed.launcher.runner import parse_args
+
+    args = parse_args(cmd[cmd.index("deepspeed.launcher.runner") + 1:])
+    runner = PDSHRunner(args, "e30=")
+    pdsh, _, _ = runner.get_cmd({}, {"node-a": [0], "node-b": [0]})
+    remote = pdsh[pdsh.index("-w") + 2:]
+    return " ".join(remote)  # pdsh joins its command arguments with spaces
+
+
+@pytest.mark.parametrize("shell", ["bash", "sh"])
+def test_deepspeed_multi_node_items_reach_the_remote_shell_verbatim_and_run_nothing(capsys, monkeypatch,
+                                                                                    tmp_path, shell):
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("node-a slots=1\nnode-b slots=1\n")
+    cmd = printed_command(capsys, "deepspeed", "--hostfile", str(hostfile), "--master-port", "29600",
+                          "demo", *HOSTILE)
+    monkeypatch.chdir(tmp_path)  # the remote line starts with `cd <this directory>;`
+    line = remote_line(cmd)
+    # The whole line, run by a real shell, with the runner's python replaced by a program that
+    # prints its arguments, one per NUL.
+    printer = f"{shell} -c 'printf \"%s\\0\" \"$@\"' _"
+    assert line.count(sys.executable) == 1
+    out = subprocess.run([shell, "-c", line.replace(sys.executable, printer)], capture_output=True, text=True,
+                         check=True).stdout
+    received = out.split("\0")[:-1]
+    assert received[received.index("sagan_dist.cli"):] == ["sagan_dist.cli", "train", "demo", *HOSTILE]
+    assert not (tmp_path / "CANARY").exists()
+
+
+def test_deepspeed_single_host_passes_items_unquoted(capsys, tmp_path):
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("localhost slots=1\n")
+    cmd = printed_command(capsys, "deepspeed", "--hostfile", str(hostfile), "demo", "train.run_dir=/runs/a b;id")
+    assert cmd[-1] == "train.run_dir=/runs/a b;id"  # the runner execs an argument list: no shell
