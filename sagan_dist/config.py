@@ -136,10 +136,15 @@ class TrackingConfig:
 
 @dataclass
 class EvalConfig:
-    every: int = 0  # steps between IS/FID/KID evaluations in training; 0 = off
+    every: int = 0  # steps between IS/FID/KID/precision-recall evaluations in training; 0 = off
     num_samples: int = 10000  # generated images, spread evenly over the classes and the ranks
     batch_size: int = 100  # per rank for generation; Inception batch on rank 0
-    metrics: list[str] = field(default_factory=lambda: ["isc", "fid", "kid"])
+    # isc | fid | kid | prc (precision, recall, f_score on Inception pool features). prc is on by
+    # default: it reuses FID's features, and its n x n distances cost ~1% of extracting them.
+    metrics: list[str] = field(default_factory=lambda: ["isc", "fid", "kid", "prc"])
+    # Generated images per class for `sagan-dist evaluate --classes` (intra-class FID, against the
+    # reference images of that class); FID is biased upward at small counts, so compare equal counts.
+    class_samples: int = 1000
     # Local path to torch-fidelity's Inception weights (weights-inception-2015-12-05-6726825d.pth);
     # "" -> torch hub's cache, downloaded there if missing (impossible on an offline cluster).
     inception_weights: str = ""
@@ -305,8 +310,14 @@ def validate(cfg: DictConfig, world_size: int = 1) -> None:
     for key in ("eval.num_samples", "eval.reference_samples", "eval.batch_size", "eval.isc_splits",
                 "eval.kid_subsets"):
         _positive(cfg, key)
-    _check(len(e.metrics) > 0 and all(m in ("isc", "fid", "kid") for m in e.metrics), "eval.metrics",
-           list(e.metrics), "a non-empty list of isc | fid | kid")
+    _check(len(e.metrics) > 0 and all(m in ("isc", "fid", "kid", "prc") for m in e.metrics), "eval.metrics",
+           list(e.metrics), "a non-empty list of isc | fid | kid | prc")
+    # precision/recall: each sample's 3rd nearest neighbour in its own set; FID: a covariance.
+    least = 4 if "prc" in e.metrics else 2 if "fid" in e.metrics else 1
+    for key in ("eval.num_samples", "eval.reference_samples"):
+        _check(OmegaConf.select(cfg, key) >= least, key, OmegaConf.select(cfg, key),
+               f">= {least} for eval.metrics={list(e.metrics)}")
+    _check(e.class_samples >= 2, "eval.class_samples", e.class_samples, ">= 2 (FID needs a covariance)")
     _check("isc" not in e.metrics or e.isc_splits <= e.num_samples, "eval.isc_splits", e.isc_splits,
            f"<= eval.num_samples = {e.num_samples} (each split needs samples)")
     _check(e.kid_subset_size >= 2, "eval.kid_subset_size", e.kid_subset_size, ">= 2")

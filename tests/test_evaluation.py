@@ -1,5 +1,6 @@
-"""IS / FID / KID: offline weights, sample shares, the reference cache, and `sagan-dist evaluate`
-on one and two processes.
+"""IS / FID / KID / precision-recall: offline weights, sample shares, the reference cache, and
+`sagan-dist evaluate` on one and two processes (file safety: test_evaluation_safety.py; precision,
+recall, intra-class FID and cost: test_evaluation_metrics.py).
 
 There is no internet here, so the Inception weights are a randomly initialised network in the
 format torch-fidelity loads (its own FeatureExtractorInceptionV3, saved as a state dict): the
@@ -148,7 +149,10 @@ def test_latents_are_fixed_by_the_seed_and_classes_evenly_spread():
 @pytest.mark.parametrize("override, key", [
     ("eval.isc_splits=20", "eval.isc_splits"),
     ("eval.metrics=[]", "eval.metrics"),
-    ("eval.metrics=[fid,prc]", "eval.metrics"),
+    ("eval.metrics=[fid,lpips]", "eval.metrics"),
+    ("eval.num_samples=3", "eval.num_samples"),  # precision/recall: a 3rd nearest neighbour
+    ("eval.reference_samples=1", "eval.reference_samples"),
+    ("eval.class_samples=1", "eval.class_samples"),
     ("eval.kid_subset_size=1", "eval.kid_subset_size"),
     ("eval.num_samples=0", "eval.num_samples"),
 ])
@@ -160,9 +164,10 @@ def test_impossible_eval_settings_are_config_errors(tmp_path, override, key):
 def test_reference_images_are_center_cropped_uint8_at_the_model_resolution(tmp_path):
     cfg = eval_config(tmp_path, "w.pth", "data.flip=true", "data.crop=random")
     shards = prepare_data(cfg, tmp_path)
-    first, again = (read_reference_images(cfg, shards, 20) for _ in range(2))
+    (first, labels), (again, labels_again) = (read_reference_images(cfg, shards, 20) for _ in range(2))
     assert first.shape == (20, 3, 32, 32) and first.dtype == torch.uint8
     assert torch.equal(first, again)  # no random crop or flip, whatever the run trains with
+    assert labels.shape == (20,) and torch.equal(labels, labels_again) and labels.max() < cfg.data.num_classes
 
 
 def test_reference_cache_name_changes_with_data_resolution_count_and_weights(tmp_path):
@@ -183,28 +188,31 @@ def test_evaluator_scores_and_a_new_one_reuses_the_cached_reference(tmp_path, in
 
     first = Evaluator(cfg, CPU, shards, tmp_path / "run")
     metrics = first(g, step=10)
-    assert set(metrics) == {"isc", "isc_std", "fid", "kid", "kid_std"}
+    assert set(metrics) == {"isc", "isc_std", "fid", "kid", "kid_std", "precision", "recall", "f_score"}
     assert all(math.isfinite(v) for v in metrics.values()) and metrics["fid"] > 0
-    assert first.last_num_samples == SAMPLES and first.reference.loads == 1
+    assert first.last_num_samples == SAMPLES and first.reference_reads == 1 and first.last_reference_computed
     assert g.training  # the caller's mode is restored
     cache = sorted((tmp_path / "run" / "fidelity-cache").glob(f"{first.cache_name}*"))
-    assert any(p.name.endswith(".json") for p in cache) and len(cache) >= 3
+    assert [p.suffix for p in cache] == [".json", ".npz"]  # ours only: torch-fidelity wrote no cache
     stamps = {p: p.stat().st_mtime_ns for p in cache}
 
     second = Evaluator(cfg, CPU, shards, tmp_path / "run")  # as after a restart
     again = second(g, step=20)
-    assert second.reference.loads == 0 and not second.last_reference_computed
+    assert second.reference_reads == 0 and not second.last_reference_computed
     assert {p: p.stat().st_mtime_ns for p in cache} == stamps
     assert again == pytest.approx(metrics)  # same z, same reference
 
 
 # ---- `sagan-dist evaluate` ------------------------------------------------------------------
-def _snapshot(run_dir: Path, weights: Path, tracking_run_id: str | None = None) -> Path:
+def _snapshot(run_dir: Path, weights: Path, tracking_run_id: str | None = None,
+              process_seconds: float | None = None) -> Path:
     cfg = eval_config(run_dir, weights)
     g = tiny_generator(cfg)
     state = {"step": 7, "images_seen": 448, "skipped_steps": 0, "best_fid": math.inf,
              "G_ema": g.state_dict(), "config": config.to_container(cfg),
              "tracking_run_id": tracking_run_id, "rng": {"torch": torch.get_rng_state()}}
+    if process_seconds is not None:  # snapshots written before the trainer recorded it lack it
+        state["process_seconds"] = process_seconds
     return checkpoint.save(run_dir, 7, state, {}, keep=3, is_main=True)
 
 
@@ -229,13 +237,17 @@ def test_cli_evaluates_on_two_processes_like_on_one_and_reuses_the_cache(tmp_pat
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(uri)
     run_id = client.create_run(client.create_experiment("evaluation")).info.run_id  # the training run
-    snapshot = _snapshot(tmp_path / "run", inception_weights, run_id)
+    snapshot = _snapshot(tmp_path / "run", inception_weights, run_id, process_seconds=2 * 5400.0)
     weights = f"eval.inception_weights={inception_weights}"
 
-    two = _evaluate(snapshot, tmp_path / "two.json", 2, weights)
+    # Classes 1 and 2 have 3 images each among the first 12 of the demo shards.
+    two = _evaluate(snapshot, tmp_path / "two.json", 2, weights, "eval.class_samples=4", "--classes", "2,1")
     assert two["processes"] == 2 and two["step"] == 7 and two["num_samples"] == SAMPLES
     assert two["reference"] == "computed" and two["reference_samples"] == SAMPLES
-    assert all(math.isfinite(two[k]) for k in ("isc", "isc_std", "fid", "kid", "kid_std"))
+    assert two["gpu_hours"] == pytest.approx(3.0)  # 2 processes x 1.5 h
+    assert all(math.isfinite(two[k]) for k in ("isc", "isc_std", "fid", "kid", "kid_std", "precision", "recall",
+                                              "fid_class/1", "fid_class/2"))
+    assert two["class_samples"] == 4 and two["class_reference_samples/1"] == 3
     cache = sorted(Path(two["cache"]).parent.glob(Path(two["cache"]).name + "*"))
     stamps = {p: p.stat().st_mtime_ns for p in cache}
 
@@ -248,6 +260,8 @@ def test_cli_evaluates_on_two_processes_like_on_one_and_reuses_the_cache(tmp_pat
         assert one[k] == pytest.approx(two[k], rel=1e-5)
     logged = client.get_metric_history(run_id, f"evaluate/fid_n{SAMPLES}")
     assert [(m.step, m.value) for m in logged] == [(7, pytest.approx(one["fid"]))]
+    cost = client.get_metric_history(run_id, "evaluate/gpu_hours")
+    assert [(m.step, m.value) for m in cost] == [(7, pytest.approx(3.0))]
     assert client.get_run(run_id).info.status == "RUNNING"  # an evaluation does not end the run
 
 
