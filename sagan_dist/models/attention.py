@@ -56,6 +56,22 @@ class SelfAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.gamma.to(x.dtype) * self.out(self.attend(x))
 
+    def attention_rows(self, x: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
+        """The weights `attend` gives the query positions ``queries`` over all keys, and no others.
+
+        ``queries``: (K,) flat indices into the H x W map. Returns float32 (B, K, H', W'), each
+        (H', W') map summing to 1: the key grid, (H/2, W/2) with ``pool``. Softmax over keys with
+        no 1/sqrt(d) scale, as in `attend`, but only K rows, never the N x N matrix. The query conv
+        is 1x1, so applying it to the K picked pixels is the same as applying it to all and picking.
+        """
+        b = x.shape[0]
+        q = self.query(x.flatten(2)[:, :, queries].unsqueeze(-1)).squeeze(-1)  # (B, C', K)
+        k = self.key(x)
+        if self.pool:
+            k = F.max_pool2d(k, 2)
+        logits = torch.einsum("bck,bcn->bkn", q.float(), k.flatten(2).float())
+        return logits.softmax(dim=-1).view(b, len(queries), *k.shape[2:])
+
 
 def _tokens(t: torch.Tensor) -> torch.Tensor:
     return t.flatten(2).transpose(1, 2).unsqueeze(1).contiguous()
@@ -65,6 +81,13 @@ def _query_chunks(batch: int, queries: int, device: torch.device) -> int:
     """Query chunks so that batch x chunks covers the CPU threads (1 on GPUs)."""
     chunks = 1
     if device.type == "cpu":
-        while batch * chunks < torch.get_num_threads() and queries % (2 * chunks) == 0:
+        while batch * chunks < _cpu_threads() and queries % (2 * chunks) == 0:
             chunks *= 2
     return chunks
+
+
+@torch.compiler.assume_constant_result
+def _cpu_threads() -> int:
+    # A constant to torch.compile: get_num_threads() returns an int that dynamo cannot trace, which
+    # broke every graph at each attention layer.
+    return torch.get_num_threads()
