@@ -8,12 +8,15 @@ before anything reaches the cluster, and the cluster runs the config that was ch
 from __future__ import annotations
 
 import re
-from typing import Sequence
+from typing import Any, Sequence
+
+import yaml
 
 from sagan_dist import config
 
-from launcher import LauncherError, kube, split_items
-from launcher.manifests import CONFIG_FILE, RUNS_MOUNT, JobSpec, check, render, to_yaml
+from launcher import LauncherError, kube
+from launcher.checks import load_for_nodes
+from launcher.manifests import CONFIG_FILE, RUNS_MOUNT, SOURCES_ANNOTATION, JobSpec, check, render, to_yaml
 
 
 def default_name(yamls: Sequence[str]) -> str:
@@ -24,28 +27,40 @@ def default_name(yamls: Sequence[str]) -> str:
 
 
 def resolve_config(items: Sequence[str], spec: JobSpec) -> str:
-    """The run's config as YAML, checked for every world size the job may run with."""
-    yamls, overrides = split_items(items)
-    if not yamls:
-        raise config.ConfigError("no CONFIG given: name a YAML file or a shipped config such as 'demo'")
+    """The run's config as a YAML document, checked for every world size the job may run with.
+
+    Built as data (yaml.safe_dump of the resolved values), never by pasting the user's items into
+    text, so no override can change its structure; OmegaConf's ``${`` is escaped so that a value
+    holding it loads back as the same string instead of an interpolation.
+    """
+    nodes = range(spec.elastic_min_nodes or spec.nodes, spec.nodes + 1)
     # Listed first so that an explicit train.run_dir=... override still wins.
-    overrides = [f"train.run_dir={RUNS_MOUNT}/{spec.name}", *overrides]
-    cfg = None
-    for nodes in range(spec.elastic_min_nodes or spec.nodes, spec.nodes + 1):
-        cfg = config.load(yamls, overrides, world_size=nodes * spec.procs)
-    assert cfg is not None
+    cfg = load_for_nodes(items, nodes, spec.procs, first_overrides=[f"train.run_dir={RUNS_MOUNT}/{spec.name}"],
+                         nodes_flag="--elastic-min-nodes:--nodes")
     run_dir = str(cfg.train.run_dir)
     if not run_dir.startswith(f"{RUNS_MOUNT}/"):
         raise LauncherError(f"train.run_dir={run_dir} is not on the runs volume mounted at {RUNS_MOUNT}: "
                             "snapshots there would be lost when a pod restarts")
-    source = " ".join([*yamls, *overrides])
-    return f"# Resolved by sagan-launch from: {source}\n{config.to_yaml(cfg)}"
+    values = _literal(config.to_container(cfg))
+    return (f"# Resolved by sagan-launch; the items it came from are in the annotation {SOURCES_ANNOTATION}.\n"
+            + yaml.safe_dump(values, sort_keys=False, allow_unicode=True))
+
+
+def _literal(value: Any) -> Any:
+    """Escape OmegaConf interpolations (``${``, and the backslashes before one) in every string."""
+    if isinstance(value, dict):
+        return {k: _literal(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_literal(v) for v in value]
+    if isinstance(value, str):
+        return re.sub(r"(\\*)\$\{", lambda m: m.group(1) * 2 + "\\${", value)
+    return value
 
 
 def launch(items: Sequence[str], spec: JobSpec, flavor: str, dry_run: bool) -> str:
     """Render the run; return the YAML (dry run) or kubectl's report of what it applied."""
     check(spec, flavor)
-    text = to_yaml(render(spec, flavor, resolve_config(items, spec)))
+    text = to_yaml(render(spec, flavor, resolve_config(items, spec), sources=items))
     if dry_run:
         return text
     return kube.apply(text, spec.namespace)

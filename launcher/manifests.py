@@ -19,9 +19,10 @@ reaches it and it forwards the signal to the trainer processes, which write a sn
 """
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Sequence
 
 import yaml
 
@@ -41,11 +42,18 @@ PYTORCHJOB_PORT = 23456  # the training operator's default; it looks the port up
 PYTORCHJOB_PORT_NAME = "pytorchjob-port"
 TRAINER_API = "trainer.kubeflow.org/v1alpha1"
 FLAVOR_LABEL = "sagan-dist/flavor"
+SOURCES_ANNOTATION = "sagan-dist/resolved-from"  # the CONFIG/override items, as a JSON list
+TMP_GIB = 16  # /tmp emptyDir: torch, triton and matplotlib caches, evaluation scratch
 INSTANCE_LABEL = "app.kubernetes.io/instance"
 # Pod names add suffixes such as "-node-0-0-abcde" to the run's name; 40 characters keeps every
 # derived name and pod hostname under the 63-character DNS label limit.
 MAX_NAME = 40
 NAME_RE = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
+# An image reference, as Docker's reference grammar has it: [registry[:port]/]path[:tag][@digest].
+_HOST = r"[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?"
+_PATH = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
+IMAGE_RE = re.compile(rf"^(?:{_HOST}(?:\.{_HOST})*(?::[0-9]+)?/)?{_PATH}(?:/{_PATH})*"
+                      r"(?::[\w][\w.-]{0,127})?(?:@sha256:[0-9a-f]{64}|@sha512:[0-9a-f]{128})?$")
 
 POD_SECURITY = {
     "runAsNonRoot": True,
@@ -112,8 +120,17 @@ def check(spec: JobSpec, flavor: str) -> None:
         raise LauncherError(
             f"name {spec.name!r} must be lower-case letters, digits and '-', start with a letter, "
             f"end with a letter or digit, and have at most {MAX_NAME} characters")
-    if spec.nodes < 1 or spec.gpus_per_node < 0 or spec.procs_per_node < 0:
-        raise LauncherError("--nodes must be >= 1, --gpus-per-node and --procs-per-node >= 0")
+    if not IMAGE_RE.match(spec.image):
+        raise LauncherError(f"--image {spec.image!r} is not an image reference: use REGISTRY/REPO:TAG, "
+                            "REGISTRY/REPO@sha256:<64 hex digits> or REGISTRY/REPO:TAG@sha256:<64 hex digits>")
+    if spec.nodes < 1:
+        raise LauncherError(f"--nodes must be >= 1, got {spec.nodes}")
+    for flag, value in (("--gpus-per-node", spec.gpus_per_node), ("--procs-per-node", spec.procs_per_node),
+                        ("--cpus-per-node", spec.cpus_per_node), ("--memory-per-node", spec.memory_gib_per_node),
+                        ("--shm-size", spec.shm_gib), ("--max-restarts", spec.max_restarts),
+                        ("--elastic-min-nodes", spec.elastic_min_nodes)):
+        if value < 0:
+            raise LauncherError(f"{flag} must be >= 0 (0: the default), got {value}")
     if spec.shm >= spec.memory_gib:
         raise LauncherError(f"/dev/shm ({spec.shm} GiB) must be smaller than the memory per node "
                             f"({spec.memory_gib} GiB): it is counted against the same limit")
@@ -123,10 +140,12 @@ def check(spec: JobSpec, flavor: str) -> None:
         raise LauncherError("--grace-period must be >= 30 s: the trainer needs time to write a snapshot")
 
 
-def render(spec: JobSpec, flavor: str, config_yaml: str | None = None) -> list[Manifest]:
-    """The objects of one run, in apply order; with ``config_yaml``, its ConfigMap first."""
+def render(spec: JobSpec, flavor: str, config_yaml: str | None = None,
+           sources: Sequence[str] = ()) -> list[Manifest]:
+    """The objects of one run, in apply order; with ``config_yaml``, its ConfigMap first
+    (``sources``: the CONFIG/override items it was resolved from, kept as an annotation)."""
     check(spec, flavor)
-    objects = [_config_map(spec, flavor, config_yaml)] if config_yaml is not None else []
+    objects = [_config_map(spec, flavor, config_yaml, sources)] if config_yaml is not None else []
     builders = {"trainjob": _trainjob, "pytorchjob": _pytorchjob, "indexed-job": _indexed_job}
     return objects + builders[flavor](spec, flavor)
 
@@ -177,9 +196,10 @@ def launch_command(spec: JobSpec, rendezvous: list[str]) -> list[str]:
 
 def _env(spec: JobSpec) -> list[Manifest]:
     env: list[Manifest] = [{"name": "MLFLOW_TRACKING_URI", "value": spec.tracking_uri}]
-    # Credentials only matter for an MLflow server with auth; optional so pods start without them.
+    # The server of k8s/platform requires basic auth with the same Secret's user; a missing Secret
+    # keeps the pod from starting (CreateContainerConfigError names it) instead of training unlogged.
     for var, key in (("MLFLOW_TRACKING_USERNAME", "username"), ("MLFLOW_TRACKING_PASSWORD", "password")):
-        ref = {"name": spec.mlflow_secret, "key": key, "optional": True}
+        ref = {"name": spec.mlflow_secret, "key": key}
         env.append({"name": var, "valueFrom": {"secretKeyRef": ref}})
     # The root filesystem is read-only: caches (torch, triton, matplotlib) go under /tmp.
     env += [{"name": "HOME", "value": "/tmp"}, {"name": "PYTHONUNBUFFERED", "value": "1"}]
@@ -203,7 +223,7 @@ def _volumes(spec: JobSpec) -> list[Manifest]:
         {"name": "data", "persistentVolumeClaim": {"claimName": spec.data_claim, "readOnly": True}},
         # Docker's 64 MiB /dev/shm is too small for NCCL and data-loader workers.
         {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": f"{spec.shm}Gi"}},
-        {"name": "tmp", "emptyDir": {}},
+        {"name": "tmp", "emptyDir": {"sizeLimit": f"{TMP_GIB}Gi"}},
     ]
 
 
@@ -211,8 +231,10 @@ def resources(spec: JobSpec) -> Manifest:
     """Requests for scheduling; memory and GPUs also as limits. No CPU limit: throttling a
     data-loading trainer costs more than it protects."""
     memory = f"{spec.memory_gib}Gi"
-    requests = {"cpu": str(spec.cpus_per_node or 8 * spec.procs), "memory": memory}
-    limits = {"memory": memory}
+    requests = {"cpu": str(spec.cpus_per_node or 8 * spec.procs), "memory": memory,
+                "ephemeral-storage": f"{TMP_GIB}Gi"}
+    # /tmp (an emptyDir on disk) and the container's logs count against ephemeral storage.
+    limits = {"memory": memory, "ephemeral-storage": f"{TMP_GIB + 4}Gi"}
     if spec.gpus_per_node:
         requests["nvidia.com/gpu"] = limits["nvidia.com/gpu"] = str(spec.gpus_per_node)
     return {"requests": requests, "limits": limits}
@@ -235,6 +257,8 @@ def _pod_spec(spec: JobSpec, container: Manifest, restart_policy: str, **extra: 
         # SIGTERM -> every rank finishes its step -> rank 0 writes a snapshot; then SIGKILL.
         "terminationGracePeriodSeconds": spec.grace_seconds,
         "securityContext": POD_SECURITY,
+        # Trainers never call the Kubernetes API: no token to steal from a compromised pod.
+        "automountServiceAccountToken": False,
         **extra,
         "containers": [container],
         "volumes": _volumes(spec),
@@ -245,10 +269,11 @@ def _pod_spec(spec: JobSpec, container: Manifest, restart_policy: str, **extra: 
     return pod
 
 
-def _config_map(spec: JobSpec, flavor: str, config_yaml: str) -> Manifest:
-    return {"apiVersion": "v1", "kind": "ConfigMap",
-            "metadata": _metadata(spec, flavor, spec.config_map),
-            "data": {"config.yaml": config_yaml}}
+def _config_map(spec: JobSpec, flavor: str, config_yaml: str, sources: Sequence[str]) -> Manifest:
+    metadata = _metadata(spec, flavor, spec.config_map)
+    # Provenance as data: a JSON list survives any character an override may hold.
+    metadata["annotations"] = {SOURCES_ANNOTATION: json.dumps(list(sources))}
+    return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": metadata, "data": {"config.yaml": config_yaml}}
 
 
 # ---- flavours -----------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ declared fields: a misspelled field fails (see the tests at the end), as the API
 """
 from __future__ import annotations
 
+import json
 import re
 import typing
 from typing import Any
@@ -344,3 +345,68 @@ def test_validator_rejects_unknown_fields_in_pod_templates_of_every_kind():
         with pytest.raises(SchemaError, match="volumeMount"):
             for obj in objects:
                 validate_object(obj)
+
+
+# ---- the ConfigMap is data, whatever the overrides hold -----------------------------------------
+HOSTILE_OVERRIDES = [
+    "tracking.run_name='#1 \"a\"\n  b: c'",                 # a raw newline in the item
+    'tracking.experiment="x\\n# Resolved: evil\\ntrain: {steps: 1}"',  # newlines inside the value
+    "tracking.uri=\\${oc.env:HOME}",                       # a literal ${...}: no interpolation on load
+    "data.shards='/d/{0..9}.tar # not a comment'",
+]
+
+
+def test_hostile_overrides_cannot_break_the_configmap_and_load_back_unchanged(capsys, tmp_path):
+    objects = dry_run(capsys, "demo", *HOSTILE_OVERRIDES, "--name", "run-h")
+    config_map = by_kind(objects)["ConfigMap"]
+    validate_object(config_map)
+    path = tmp_path / "config.yaml"
+    path.write_text(config_map["data"]["config.yaml"])
+    shipped = config.to_container(config.load([path]))
+    direct = config.to_container(config.load(["demo"], ["train.run_dir=/runs/run-h", *HOSTILE_OVERRIDES]))
+    assert shipped == direct
+    assert shipped["tracking"]["uri"] == "${oc.env:HOME}" and "\n" in shipped["tracking"]["experiment"]
+    assert shipped["train"]["steps"] == direct["train"]["steps"] != 1
+    sources = json.loads(config_map["metadata"]["annotations"]["sagan-dist/resolved-from"])
+    assert sources == ["demo", *HOSTILE_OVERRIDES]
+
+
+# ---- hardening: no API token, bounded scratch space --------------------------------------------
+@pytest.mark.parametrize("flavor", ["trainjob", "pytorchjob", "indexed-job"])
+def test_pods_mount_no_token_and_bound_every_emptydir_and_ephemeral_storage(capsys, flavor):
+    objects = dry_run(capsys, "demo", "--flavor", flavor, "--nodes", "2")
+    for pod in pod_specs(objects):
+        assert pod["automountServiceAccountToken"] is False
+        for volume in pod["volumes"]:
+            if "emptyDir" in volume:
+                assert volume["emptyDir"]["sizeLimit"].endswith("Gi"), volume
+        for container in pod["containers"]:
+            if "resources" in container:
+                assert {"ephemeral-storage"} <= set(container["resources"]["requests"]) & set(
+                    container["resources"]["limits"])
+    for obj in objects:
+        if obj["kind"] == "TrainJob":
+            assert "ephemeral-storage" in obj["spec"]["trainer"]["resourcesPerNode"]["limits"]
+
+
+@pytest.mark.parametrize("image", ["registry.example.com/sagan-dist@sha256:" + "ab" * 32,
+                                   "registry.example.com:5000/team/sagan-dist:1.2@sha256:" + "0" * 64])
+def test_image_by_digest_is_accepted_and_used_everywhere(capsys, image):
+    assert main(["k8s", "demo", "--image", image, "--dry-run"]) == 0
+    objects = list(yaml.safe_load_all(capsys.readouterr().out))
+    assert [c["image"] for pod in pod_specs(objects) for c in pod["containers"]] == [image]
+    assert by_kind(objects)["TrainJob"]["spec"]["trainer"]["image"] == image
+
+
+@pytest.mark.parametrize("image", ["r/sagan@sha256:abc", "R/Sagan:1", "r/sagan:", "r/sagan:a b", "r/s@md5:" + "0" * 32])
+def test_malformed_image_is_refused_naming_the_flag(capsys, image):
+    assert main(["k8s", "demo", "--image", image, "--dry-run"]) == 1
+    assert "--image" in capsys.readouterr().err
+
+
+def test_negative_values_in_a_spec_are_refused_naming_the_flag():
+    for field, flag in (("shm_gib", "--shm-size"), ("cpus_per_node", "--cpus-per-node"),
+                        ("max_restarts", "--max-restarts"), ("gpus_per_node", "--gpus-per-node")):
+        spec = JobSpec(name="n", image=IMAGE, train_args=("train",), config_map="c", **{field: -1})
+        with pytest.raises(LauncherError, match=flag):
+            render(spec, "indexed-job")
