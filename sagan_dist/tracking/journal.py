@@ -86,7 +86,11 @@ class Journal:
         journal = cls(path, read_state(path))
         if not journal._try_lock():
             return None
-        journal._scan()
+        try:
+            journal._scan()
+        except BaseException:
+            journal.close()
+            raise
         return journal
 
     @staticmethod
