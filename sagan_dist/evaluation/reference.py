@@ -145,9 +145,11 @@ def load_reference(path: Path, key: dict[str, Any]) -> Reference | None:
     try:
         return _read_checked(path, key)
     except (ValueError, OSError, EOFError, KeyError, zipfile.BadZipFile) as e:
-        # ValueError covers "Cannot load file containing pickled data when allow_pickle=False".
-        log.warning("reference cache %s was not used (%s: %s); recomputing it", path, type(e).__name__,
-                    str(e).strip().splitlines()[0][:300] if str(e).strip() else "")
+        text = str(e).strip()
+        # numpy refuses pickles with a ValueError whose wording changes between versions.
+        reason = ("it holds pickled data, which could run code and was not loaded" if "pickle" in text.lower()
+                  else f"{type(e).__name__}: {text.splitlines()[0][:300] if text else ''}")
+        log.warning("reference cache %s was not used (%s); recomputing it", path, reason)
         return None
 
 
