@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -42,6 +43,9 @@ class ModelConfig:
     # Activation checkpointing of attention blocks at feature maps >= this resolution; 0 = off.
     checkpoint_from: int = 0
     checkpoint_blocks: bool = False  # also checkpoint residual blocks at those resolutions
+    # NHWC memory format for G and D (sagan_dist/acceleration.py); null = auto: on for CUDA (tensor
+    # cores read NHWC without transposes), off on CPU.
+    channels_last: Optional[bool] = None
 
 
 @dataclass
@@ -85,8 +89,15 @@ class TrainConfig:
     ema_kimg: float = 10.0
     ema_rampup: float = 0.05
     precision: str = "fp32"  # fp32 | bf16 | fp16
+    # torch.compile of G and D (sagan_dist/acceleration.py); null = auto: on for CUDA, off on CPU
+    # (no gain measured there, and the first step pays the C++ compilation).
+    compile: Optional[bool] = None
     grad_clip: float = 0.0  # 0 = off
-    max_bad_steps: int = 20  # consecutive non-finite steps before the run stops
+    max_bad_steps: int = 20  # consecutive non-finite updates before the run stops (checked at log steps)
+    # Deadline of every collective: a lost peer or a partitioned network ends every rank with a
+    # message after this long (instead of torch's 30 minutes), so the job's restart policy can act.
+    # Must exceed the longest rank-0-only pause (a snapshot write, an evaluation's metrics).
+    collective_timeout_s: float = 600.0
     seed: int = 0
     log_every: int = 20
     sample_every: int = 100
@@ -192,7 +203,7 @@ def load(
     paths += [resolve_config_path(p) for p in yaml_paths]
     try:
         for p in paths:
-            cfg = OmegaConf.merge(cfg, OmegaConf.load(p))
+            cfg = OmegaConf.merge(cfg, _load_yaml(p))
         if overrides:
             bad = [o for o in overrides if "=" not in o]
             if bad:
@@ -203,6 +214,36 @@ def load(
     validate(cfg, world_size)
     OmegaConf.set_readonly(cfg, True)
     return cfg
+
+
+def _load_yaml(path: Path) -> DictConfig:
+    """One YAML file; a syntax error names the file, line and column instead of a traceback."""
+    try:
+        loaded = OmegaConf.load(path)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{where}: not valid YAML ({problem})") from None
+    except OSError as e:
+        raise ConfigError(f"config file {path}: cannot be read ({e.strerror})") from None
+    if not isinstance(loaded, DictConfig):
+        raise ConfigError(f"config file {path}: expected a mapping of sections (model:, train:, ...), "
+                          f"got a {type(loaded).__name__}")
+    return loaded
+
+
+def split_items(items: Sequence[str]) -> tuple[list[str], list[str]]:
+    """CONFIG files and key=value overrides, in any order."""
+    return [i for i in items if "=" not in i], [i for i in items if "=" in i]
+
+
+def load_items(items: Sequence[str], world_size: int = 1) -> DictConfig:
+    """The config of a command line's CONFIG.../key=value items (every CLI parses them this way)."""
+    yamls, overrides = split_items(items)
+    if not yamls:
+        raise ConfigError("no CONFIG given: name a YAML file or a shipped config such as 'demo'")
+    return load(yamls, overrides, world_size=world_size)
 
 
 def from_container(data: dict[str, Any], world_size: int = 1) -> DictConfig:
@@ -281,7 +322,8 @@ def validate(cfg: DictConfig, world_size: int = 1) -> None:
         _positive(cfg, key)
     for key in ("train.steps", "train.batch_size", "train.accumulation", "train.n_critic",
                 "train.log_every", "train.sample_every", "train.checkpoint_every",
-                "train.keep_checkpoints", "train.samples_per_class", "train.max_bad_steps"):
+                "train.keep_checkpoints", "train.samples_per_class", "train.max_bad_steps",
+                "train.collective_timeout_s"):
         _positive(cfg, key)
     for key in ("train.lr_g", "train.lr_d"):
         _check(OmegaConf.select(cfg, key) > 0, key, OmegaConf.select(cfg, key), "a learning rate > 0")
@@ -331,7 +373,80 @@ def _validate_deepspeed_extra(cfg: DictConfig) -> None:
                f"unset (derived from {instead})")
     stage = OmegaConf.select(extra, "zero_optimization.stage")
     _check(stage is None, "deepspeed.extra.zero_optimization.stage", stage, "unset (set deepspeed.zero_stage)")
-    for section in ("bf16", "fp16"):
-        enabled = OmegaConf.select(extra, f"{section}.enabled")
-        _check(not enabled or cfg.train.precision == section, f"deepspeed.extra.{section}.enabled", enabled,
-               f"true only with train.precision={section}")
+    for key, why in DEEPSPEED_CHECKPOINT_KEYS.items():
+        value = OmegaConf.select(extra, key)
+        _check(value is None or value is False, f"deepspeed.extra.{key}", value, f"unset ({why})")
+    _validate_deepspeed_precision(extra, cfg.train.precision, cfg.deepspeed.zero_stage)
+
+
+# DeepSpeed keys whose checkpoints would not be read by the engine's weights-only loader.
+DEEPSPEED_CHECKPOINT_KEYS = {
+    "checkpoint.writer": "the engine saves with torch.save and loads weights-only; another writer's "
+                         "files would be read by DeepSpeed's code-running loader",
+    "checkpoint.load_universal": "universal checkpoints are read with weights_only=False by DeepSpeed; "
+                                 "a ZeRO 1/2 run resumes on the process count it was saved with",
+    "datastates_ckpt": "the engine saves with torch.save and loads weights-only",
+}
+# DeepSpeed 0.19.8's spellings of each dtype (DtypeEnum in deepspeed/runtime/config.py).
+DEEPSPEED_DTYPES = {"fp32": ("fp32", "float32", "float", "torch.float32"),
+                    "bf16": ("bf16", "bfloat16", "torch.bfloat16"),
+                    "fp16": ("fp16", "float16", "half", "torch.float16")}
+
+
+def _deepspeed_dtype(value: Any) -> Optional[str]:
+    """Our name (fp32 | bf16 | fp16) for a DeepSpeed dtype spelling; None if it is none of them."""
+    return next((name for name, spellings in DEEPSPEED_DTYPES.items() if str(value) in spellings), None)
+
+
+def _validate_deepspeed_precision(extra: DictConfig, precision: str, stage: int) -> None:
+    """DeepSpeed's precision keys in deepspeed.extra must say what train.precision says: the log,
+    the config and the checkpoints report train.precision, and a contradiction crashed mid-step
+    (e.g. torch_autocast fp16 in an fp32 run: Half vs Float)."""
+    def key(name: str) -> str:
+        return f"deepspeed.extra.{name}"
+
+    _check("amp" not in extra, key("amp"), OmegaConf.select(extra, "amp"),
+           "unset (DeepSpeed 0.19.8 removed Apex AMP; train.precision picks the precision)")
+    # DeepSpeed reads `bfloat16` (the old name) only when `bf16` is absent: both would hide one.
+    _check(not ("bf16" in extra and "bfloat16" in extra), key("bfloat16"), OmegaConf.select(extra, "bfloat16"),
+           "unset when deepspeed.extra.bf16 is set (DeepSpeed would ignore it)")
+    bf16_section = "bfloat16" if "bfloat16" in extra else "bf16"
+    # What DeepSpeed will run with: ours (engines/deepspeed.py) unless extra overrides it.
+    fp16 = OmegaConf.select(extra, "fp16.enabled", default=precision == "fp16")
+    bf16 = OmegaConf.select(extra, f"{bf16_section}.enabled", default=False)
+    autocast = OmegaConf.select(extra, "torch_autocast.enabled", default=precision == "bf16")
+    for name, value in (("fp16.enabled", fp16), (f"{bf16_section}.enabled", bf16),
+                        ("torch_autocast.enabled", autocast)):
+        _check(isinstance(value, bool), key(name), value, "true | false")
+    _check(fp16 == (precision == "fp16"), key("fp16.enabled"), fp16,
+           "true or unset with train.precision=fp16 (false would train in fp32)" if precision == "fp16"
+           else f"false or unset with train.precision={precision} (set train.precision=fp16 for fp16)")
+    _check(not bf16 or precision == "bf16", key(f"{bf16_section}.enabled"), bf16,
+           f"false or unset with train.precision={precision} (set train.precision=bf16 for bf16)")
+    if precision == "bf16":
+        # One of the two bf16 modes (README: DeepSpeed): autocast over fp32 weights, or bf16 weights.
+        _check(autocast != bf16, key("torch_autocast.enabled"), autocast,
+               f"false when deepspeed.extra.{bf16_section}.enabled is true (bf16 weights or autocast, not both)"
+               if bf16 else f"true or unset with train.precision=bf16, unless deepspeed.extra.{bf16_section}"
+                            ".enabled is true (both off would train in fp32)")
+        dtype = OmegaConf.select(extra, "torch_autocast.dtype")
+        _check(not autocast or dtype is None or _deepspeed_dtype(dtype) == "bf16", key("torch_autocast.dtype"),
+               dtype, f"unset or one of {', '.join(DEEPSPEED_DTYPES['bf16'])} with train.precision=bf16")
+    else:
+        _check(not autocast, key("torch_autocast.enabled"), autocast,
+               "false or unset with train.precision=fp32" if precision == "fp32" else
+               "false or unset with train.precision=fp16 (fp16 uses DeepSpeed's fp16 section: under ZeRO 1/2 "
+               "torch_autocast's GradScaler never backs off after an overflow)")
+    _validate_deepspeed_data_types(extra, "fp16" if fp16 else "bf16" if bf16 else "fp32", precision, stage)
+
+
+def _validate_deepspeed_data_types(extra: DictConfig, weights: str, precision: str, stage: int) -> None:
+    """data_types.* must follow the parameters' dtype (``weights``), which train.precision (and the
+    bf16 mode) decides."""
+    mode = f"train.precision={precision} keeps {weights} weights"
+    accum = [weights] + (["fp32"] if weights == "bf16" and stage > 0 else [])  # ZeRO's bf16 + fp32 grads
+    for name, allowed in (("param_dtype", [weights]), ("grad_accum_dtype", accum),
+                          ("buffer_dtype", sorted({weights, "fp32"}))):
+        value = OmegaConf.select(extra, f"data_types.{name}")
+        _check(value is None or _deepspeed_dtype(value) in allowed, f"deepspeed.extra.data_types.{name}", value,
+               f"unset or {' | '.join(allowed)} ({mode})")

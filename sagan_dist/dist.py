@@ -2,12 +2,20 @@
 
 torchrun (and the Kubeflow operators, and our Indexed Job) export RANK, WORLD_SIZE, LOCAL_RANK,
 MASTER_ADDR and MASTER_PORT; without them we run as a single process with no process group.
+
+Every collective has a deadline, ``train.collective_timeout_s``: a peer that vanished without a
+TCP reset, or a partitioned network, ends every rank with `CollectiveTimeout` instead of a stall.
+A second, CPU-side gloo group carries the trainer's control messages (the stop agreement), so they
+never queue behind gradient traffic nor make a GPU wait.
 """
 from __future__ import annotations
 
 import contextlib
 import datetime
+import ipaddress
+import math
 import os
+import socket
 from dataclasses import dataclass
 from typing import Any, Iterator
 
@@ -31,9 +39,21 @@ def env_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+class CollectiveTimeout(RuntimeError):
+    """A collective did not complete within train.collective_timeout_s."""
+
+
+class LoopbackAddressError(RuntimeError):
+    """A multi-node run would advertise a loopback address to its peers."""
+
+
+_control_group: Any = None
+
+
 @contextlib.contextmanager
-def process_group(backend: str | None = None, timeout_s: int = 1800) -> Iterator[DistInfo]:
+def process_group(backend: str | None = None, timeout_s: float = 600.0) -> Iterator[DistInfo]:
     """Initialise (if launched distributed) and always destroy the process group on exit."""
+    global _control_group
     world = env_world_size()
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     if torch.cuda.is_available():
@@ -44,14 +64,120 @@ def process_group(backend: str | None = None, timeout_s: int = 1800) -> Iterator
     started = False
     if world > 1 and not dist.is_initialized():
         backend = backend or ("nccl" if device.type == "cuda" else "gloo")
-        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s),
-                                device_id=device if device.type == "cuda" else None)
+        check_advertised_address(backend)
+        timeout = datetime.timedelta(seconds=timeout_s)
+        dist.init_process_group(backend, timeout=timeout, device_id=device if device.type == "cuda" else None)
+        _control_group = dist.new_group(backend="gloo", timeout=timeout)
         started = True
     try:
         yield DistInfo(rank, world, local_rank, device)
     finally:
         if started and dist.is_initialized():
+            _control_group = None
             dist.destroy_process_group()
+
+
+def is_multi_node() -> bool:
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
+    return env_world_size() > local
+
+
+def check_advertised_address(backend: str) -> None:
+    """Refuse a multi-node run whose ranks would advertise a loopback address to each other.
+
+    Without GLOO_SOCKET_IFNAME / NCCL_SOCKET_IFNAME, gloo and NCCL advertise the address the
+    host name resolves to, which is 127.0.1.1 in the usual Debian /etc/hosts: the peers then try
+    to connect to themselves and the run never starts.
+    """
+    if not is_multi_node():
+        return
+    names = ["GLOO_SOCKET_IFNAME"] + (["NCCL_SOCKET_IFNAME"] if backend == "nccl" else [])
+    if all(os.environ.get(n) for n in names):
+        return
+    host = socket.gethostname()
+    try:
+        address = socket.gethostbyname(host)
+    except OSError:
+        return  # not resolvable: gloo picks an interface itself
+    if ipaddress.ip_address(address).is_loopback:
+        raise LoopbackAddressError(
+            f"this is a multi-node run, but the host name {host!r} resolves to {address}, a loopback "
+            f"address, which gloo/NCCL would advertise to the other nodes (they could never connect). "
+            f"Start it with `sagan-launch local --nnodes ... --master ADDR:PORT` (it picks the interface "
+            f"that reaches the master), or set {' and '.join(names)} to the interface of this host's "
+            f"network, e.g. eth0")
+
+
+def usable_cpus() -> int:
+    """CPUs this process may really use: its affinity mask, capped by a cgroup CPU quota."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    for path in ("/sys/fs/cgroup/cpu.max",):  # cgroup v2; "max 100000" means no quota
+        try:
+            quota, period = open(path, encoding="ascii").read().split()[:2]
+        except (OSError, ValueError):
+            continue
+        if quota != "max":
+            cpus = min(cpus, max(1, math.ceil(int(quota) / int(period))))
+    try:  # cgroup v1
+        quota_us = int(open("/sys/fs/cgroup/cpu/cpu.cfs_quota_us", encoding="ascii").read())
+        period_us = int(open("/sys/fs/cgroup/cpu/cpu.cfs_period_us", encoding="ascii").read())
+        if quota_us > 0:
+            cpus = min(cpus, max(1, math.ceil(quota_us / period_us)))
+    except (OSError, ValueError):
+        pass
+    return max(1, cpus)
+
+
+def configure_threads() -> int:
+    """Intra-op threads: the usable CPUs shared by this node's processes, unless OMP_NUM_THREADS is set.
+
+    More threads than usable CPUs made steps 10-15x slower (OpenMP threads spin against each
+    other); torchrun's OMP_NUM_THREADS=1 default for several processes is respected as set.
+    """
+    if os.environ.get("OMP_NUM_THREADS"):
+        return torch.get_num_threads()
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    threads = max(1, usable_cpus() // local)
+    torch.set_num_threads(threads)
+    return threads
+
+
+class StopAgreement:
+    """Whether any rank asked to stop, agreed on by all ranks without stalling a step.
+
+    Each step end starts an asynchronous MAX all-reduce of this rank's flag on the CPU control
+    group and reads the one started a step earlier (long finished by then): every rank stops at
+    the same step, one step after the first request, and no step waits on the network or the GPU.
+    """
+
+    def __init__(self) -> None:
+        self._flag = torch.zeros(1)
+        self._pending: Any = None
+        self._value = torch.zeros(1)
+
+    def poll(self, requested: bool) -> bool:
+        """Called once per step end on every rank; True on all ranks at the same step."""
+        if not is_distributed():
+            return requested
+        agreed = False
+        if self._pending is not None:
+            self._pending.wait()
+            agreed = bool(self._value[0] > 0)  # a CPU tensor: no device read
+        self._value = torch.tensor([1.0 if requested else 0.0])
+        self._pending = dist.all_reduce(self._value, op=dist.ReduceOp.MAX, group=_control_group, async_op=True)
+        return agreed
+
+    def now(self, requested: bool) -> bool:
+        """A blocking agreement (after a stop interrupted a step, or at the end)."""
+        if not is_distributed():
+            return requested
+        if self._pending is not None:
+            self._pending.wait()
+            requested = requested or bool(self._value[0] > 0)
+            self._pending = None
+        value = torch.tensor([1.0 if requested else 0.0])
+        dist.all_reduce(value, op=dist.ReduceOp.MAX, group=_control_group)
+        return bool(value[0] > 0)
 
 
 def is_distributed() -> bool:
@@ -93,21 +219,30 @@ def batch_statistics(module: torch.nn.Module) -> list[torch.Tensor]:
     return stats
 
 
-def broadcast_coalesced(tensors: list[torch.Tensor], src: int = 0) -> int:
-    """Rank ``src``'s values of ``tensors`` (one dtype) on every rank, in one collective.
+def replica_buffers(module: torch.nn.Module) -> list[torch.Tensor]:
+    """The floating-point buffers that must agree across replicas after an update: BatchNorm
+    running statistics (each rank's batch moves them) and spectral-norm u/v (equal weights give
+    equal u/v only where every rank runs the same kernels). ``num_batches_tracked`` counts
+    forwards, which every rank runs equally often."""
+    return [b for b in module.buffers() if b.is_floating_point()]
 
-    Returns the number of collectives launched (0 or 1), for the benchmarks' accounting.
+
+def broadcast_coalesced(tensors: list[torch.Tensor], src: int = 0) -> int:
+    """Rank ``src``'s values of ``tensors`` on every rank: one collective per dtype (usually one).
+
+    Returns the number of collectives launched, for the benchmarks' accounting.
     """
     if not tensors or not is_distributed():
         return 0
-    flat = torch.cat([t.detach().reshape(-1) for t in tensors])
-    dist.broadcast(flat, src=src)
-    offset = 0
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for t in tensors:
+        by_dtype.setdefault(t.dtype, []).append(t)
     with torch.no_grad():
-        for t in tensors:
-            t.copy_(flat[offset:offset + t.numel()].view_as(t))
-            offset += t.numel()
-    return 1
+        for group in by_dtype.values():
+            flat = torch.cat([t.reshape(-1) for t in group])
+            dist.broadcast(flat, src=src)
+            torch._foreach_copy_(group, [f.view_as(t) for f, t in zip(flat.split([t.numel() for t in group]), group)])
+    return len(by_dtype)
 
 
 def all_gather_tensor(t: torch.Tensor) -> torch.Tensor:

@@ -2,8 +2,13 @@
 
 Randomness is a function of (train.seed, rank, step of the last snapshot): the latent generator
 and the data stream are re-seeded whenever a snapshot is written, so a resumed run draws exactly
-what the uninterrupted run would have drawn, with no per-rank RNG state to gather. (A DDP run can
-resume on another world size; DeepSpeed ZeRO 1/2 cannot re-split its optimizer shards.)
+what the uninterrupted run would have drawn, with no per-rank RNG state to gather. A DDP run can
+resume on another world size with the same global batch (the data and latents are then drawn
+for the new ranks, so that run is equivalent, not identical); DeepSpeed ZeRO 1/2 cannot re-split
+its optimizer shards and refuses.
+
+A step reads nothing from the device: statistics stay there (step_stats.py) until a logging step,
+and stopping is agreed by an asynchronous all-reduce read a step later (dist.StopAgreement).
 """
 from __future__ import annotations
 
@@ -12,36 +17,76 @@ import gc
 import logging
 import math
 import signal
-import sys
 import time
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Optional, Protocol, Sequence
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from sagan_dist import checkpoint, config, dist
+from sagan_dist import checkpoint, config, dist, memory
 from sagan_dist.activation_checkpointing import apply_activation_checkpointing
 from sagan_dist.data import build_loader, prepare_data
+from sagan_dist.data.stream import StopRequested
 from sagan_dist.dist import DistInfo
 from sagan_dist.ema import EMA, ema_beta
-from sagan_dist.engines import Engine, build_engines
+from sagan_dist.engines import build_engines
 from sagan_dist.losses import get_losses
 from sagan_dist.models.sagan import attention_layers, build_models
 from sagan_dist.sample import grid_latents, latents, save_grid
-from sagan_dist.tracking import Tracker
+from sagan_dist.step_stats import StepStats
+from sagan_dist.tracking import Tracker, redacted_config
 
 log = logging.getLogger("sagan_dist.train")
+Batch = tuple[torch.Tensor, torch.Tensor]
+# In a multi-process run a stop aborts a data wait only after this long: the other ranks are then
+# most likely stalled too (shared storage), while a rank that simply waits a little would
+# otherwise leave its peers alone in the step's collectives.
+STOP_ABORTS_DATA_WAIT_AFTER_S = 20.0
 
 
 class NonFiniteError(RuntimeError):
     """Too many consecutive steps had non-finite losses or gradients."""
 
 
+class BatchStreamLike(Protocol):
+    wait_s: float
+    skipped: int
+
+    def next_batch(self, stop: Callable[[], bool] = ...) -> Batch: ...
+
+    def close(self) -> None: ...
+
+
+BatchSource = Callable[[int], BatchStreamLike]  # seed -> this rank's batch stream
+
+
+class StopSignals:
+    """SIGTERM and SIGINT (a scheduler, torchrun's process-group signal, Ctrl-C) request a stop."""
+
+    def __init__(self) -> None:
+        self.requested_at: Optional[float] = None
+
+    @property
+    def requested(self) -> bool:
+        return self.requested_at is not None
+
+    def install(self) -> "StopSignals":
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested_at is None:
+            self.requested_at = time.monotonic()
+
+
 class Trainer:
-    def __init__(self, cfg: DictConfig, info: DistInfo) -> None:
+    def __init__(self, cfg: DictConfig, info: DistInfo, batch_source: Optional[BatchSource] = None,
+                 stop: Optional[StopSignals] = None) -> None:
         self.cfg, self.info, t = cfg, info, cfg.train
         self.run_dir = Path(t.run_dir)
+        self.stop = stop or StopSignals()
         self.micro_batch = t.batch_size // (info.world_size * t.accumulation)
         torch.manual_seed(t.seed)  # identical initial weights on every rank
         g, d = build_models(cfg)
@@ -51,12 +96,22 @@ class Trainer:
         self.G, self.D = build_engines(cfg, g, d, info)
         self.ema.model.to(info.device)
         self.d_loss, self.g_loss = get_losses(t.loss)
-        self.step, self.images_seen, self.skipped_steps, self.bad_streak = 0, 0, 0, 0
+        self.step, self.images_seen, self.skipped_steps, self.process_seconds = 0, 0, 0, 0.0
+        self.stopped, self._clock = False, time.monotonic()
         self.best_fid = math.inf
+        self.stats = StepStats(info.device)
+        self.agreement = dist.StopAgreement()
         self.grid_z, self.grid_y = grid_latents(cfg, info.device)
-        self.stop_requested = False
+        self._check_batch_fits()
+        if info.is_main:
+            checkpoint.clean_stale(self.run_dir)
+        dist.barrier()
         run_id = self._resume()
-        self.shards = dist.broadcast_object(prepare_data(cfg, self.run_dir) if info.is_main else None)
+        self.shards = dist.broadcast_object(prepare_data(cfg, self.run_dir) if info.is_main and batch_source is None
+                                            else None)
+        self.batch_source = batch_source or (lambda seed: build_loader(cfg, self.shards, info.rank, info.world_size,
+                                                                        seed, info.device))
+        self.data_stream: Optional[BatchStreamLike] = None
         self.evaluator = None
         if cfg.eval.every > 0:
             from sagan_dist.evaluation import Evaluator
@@ -66,24 +121,22 @@ class Trainer:
         self.tracker = Tracker.open(cfg, self.run_dir, run_id, info)
 
     # ---- the algorithm ------------------------------------------------------------------------
-    def train_step(self) -> dict[str, float]:
+    def train_step(self, batches: Optional[list[Batch]] = None) -> None:
         """n_critic discriminator updates, then one generator update and the EMA."""
         t = self.cfg.train
-        stats: dict[str, float] = {}
-        for _ in range(t.n_critic):
-            stats.update(self._d_step())
-        stats.update(self._g_step())
+        batches = batches if batches is not None else self.next_batches()
+        d_stats = torch.stack([self._d_step(batches[i * t.accumulation:(i + 1) * t.accumulation])
+                               for i in range(t.n_critic)]).mean(0)
+        self.stats.add(torch.cat([d_stats, self._g_step()]))
         self.images_seen += t.batch_size * t.n_critic
         beta = 0.0 if self.step < t.ema_start else ema_beta(t.batch_size, self.images_seen, t.ema_kimg, t.ema_rampup)
         self.ema.update(self.G.raw, beta)
-        return stats
 
-    def _d_step(self) -> dict[str, float]:
-        accum = self.cfg.train.accumulation
+    def _d_step(self, batches: list[Batch]) -> torch.Tensor:
+        accum = len(batches)
         self.D.zero_grad()
         totals = torch.zeros(3, device=self.info.device)
-        for i in range(accum):
-            x, y = (t.to(self.info.device, non_blocking=True) for t in next(self.data))
+        for i, (x, y) in enumerate(batches):
             z, y_fake = self._latents()
             with torch.no_grad(), self.G.autocast():
                 fake = self.G.module(z, y_fake)
@@ -95,15 +148,14 @@ class Trainer:
                 self.D.backward(loss / accum)
             totals += torch.stack([loss.detach(), real_logits.detach().mean(), fake_logits.detach().mean()])
         result = self.D.step()
-        self._count_bad(result.applied, "D", float(totals[0]) / accum)
-        d_loss, d_real, d_fake = (totals / accum).tolist()
-        return {"loss_d": d_loss, "d_real": d_real, "d_fake": d_fake, "grad_norm_d": result.grad_norm}
+        self.stats.update_applied(result)
+        return torch.cat([totals / accum, result.grad_norm.reshape(1).to(totals)])
 
-    def _g_step(self) -> dict[str, float]:
+    def _g_step(self) -> torch.Tensor:
         accum = self.cfg.train.accumulation
         self.G.zero_grad()
         self.D.set_requires_grad(False)  # G's loss flows through D, but D is not updated here
-        total = 0.0
+        total = torch.zeros((), device=self.info.device)
         for i in range(accum):
             z, y = self._latents()
             with self.G.accumulating(last=i == accum - 1):
@@ -111,36 +163,42 @@ class Trainer:
                     logits = self.D.raw(self.G.module(z, y), y)
                 loss = self.g_loss(logits.float())
                 self.G.backward(loss / accum)
-            total += float(loss.detach())
+            total += loss.detach()
         self.D.set_requires_grad(True)
         result = self.G.step()
-        self._count_bad(result.applied, "G", total / accum)
-        return {"loss_g": total / accum, "grad_norm_g": result.grad_norm}
+        self.stats.update_applied(result)
+        return torch.stack([total / accum, result.grad_norm.to(total)])
 
     def _latents(self) -> tuple[torch.Tensor, torch.Tensor]:
         return latents(self.micro_batch, self.cfg.model.z_dim, self.cfg.data.num_classes,
                        self.latent_gen, self.info.device)
 
-    def _count_bad(self, applied: bool, net: str, loss: float) -> None:
-        if applied:
-            self.bad_streak = 0
-            return
-        self.skipped_steps += 1
-        self.bad_streak += 1
-        log.warning("step %d: non-finite %s gradients (loss %s); update skipped", self.step, net, loss)
-        if self.bad_streak >= self.cfg.train.max_bad_steps:
-            raise NonFiniteError(
-                f"{self.bad_streak} consecutive updates had non-finite losses or gradients (last: {net}, "
-                f"loss {loss}); stopping instead of training on NaNs (train.max_bad_steps="
-                f"{self.cfg.train.max_bad_steps}). Try lower train.lr_d/lr_g, train.grad_clip, or "
-                "train.precision=bf16 instead of fp16.")
+    def next_batches(self) -> list[Batch]:
+        """All of a step's batches, fetched before its first update: a stop that interrupts the
+        wait (StopRequested) then leaves the weights at a step boundary, so the snapshot is exact."""
+        t = self.cfg.train
+        assert self.data_stream is not None
+        try:
+            return [self.data_stream.next_batch(self._stop_aborts_wait) for _ in range(t.n_critic * t.accumulation)]
+        except StopRequested:
+            raise
+        except Exception as e:
+            if self.stop.requested:  # e.g. a loader worker that died of the same signal
+                log.warning("the data stream failed while stopping (%s: %s); stopping anyway",
+                            type(e).__name__, str(e)[:200])
+                raise StopRequested(str(e)) from e
+            raise
+
+    def _stop_aborts_wait(self) -> bool:
+        if self.stop.requested_at is None:
+            return False
+        return self.info.world_size == 1 or time.monotonic() - self.stop.requested_at > STOP_ABORTS_DATA_WAIT_AFTER_S
 
     # ---- the run ------------------------------------------------------------------------------
     def fit(self) -> None:
         t, started = self.cfg.train, self.step
         self._start_segment()
-        self._install_sigterm()
-        meter = _Meter(self.info.device)
+        self._clock = time.monotonic()
         log.info("training from step %d to %d on %d process(es), engine %s, precision %s, micro-batch %d",
                  self.step, t.steps, self.info.world_size, self.cfg.engine, t.precision, self.micro_batch)
         if self.info.is_main and self.step == 0:
@@ -148,25 +206,45 @@ class Trainer:
         try:
             if self.step >= t.steps:
                 log.info("already at step %d of %d: nothing to train", self.step, t.steps)
-            while self.step < t.steps:
-                meter.add(self.train_step())
-                self.step += 1
-                self._periodic(meter, started)
-                if self._stop_agreed():
-                    log.warning("SIGTERM: writing a snapshot at step %d and exiting", self.step)
-                    self.save()
-                    break
-                if self.step == t.steps:
-                    self.save()
-            self.tracker.close("KILLED" if self.stop_requested else "FINISHED")
+            stopping = self._loop(started)
+            if stopping and self.step > started:
+                log.warning("stop requested: wrote the snapshot of step %d, exiting", self.step)
+            self.tracker.close("KILLED" if stopping else "FINISHED")
+            self.stopped = stopping
         except BaseException:
             self.tracker.close("FAILED")
             raise
+        finally:
+            if self.data_stream is not None:
+                self.data_stream.close()
 
-    def _periodic(self, meter: "_Meter", started: int) -> None:
+    def _loop(self, started: int) -> bool:
+        """Train until train.steps or an agreed stop; returns whether it stopped early."""
+        t, stopping = self.cfg.train, False
+        while self.step < t.steps and not stopping:
+            try:
+                batches = self.next_batches()
+            except StopRequested:
+                stopping = self.agreement.now(True)
+                break
+            self.train_step(batches)
+            self.step += 1
+            self._periodic(started)
+            stopping = self.agreement.poll(self.stop.requested)
+            if self.step == t.steps or (stopping and self.step > started):
+                self.save()
+        self.agreement.now(stopping)  # settles the last asynchronous round on every rank
+        if stopping and self.step > started and not self._saved_at_step():
+            self.save()
+        return stopping
+
+    def _saved_at_step(self) -> bool:
+        return (checkpoint.checkpoints_dir(self.run_dir) / f"step-{self.step:08d}").is_dir()
+
+    def _periodic(self, started: int) -> None:
         t, s = self.cfg.train, self.step
         if s % t.log_every == 0 or s == t.steps:
-            self._log_progress(meter, started)
+            self._log_progress()
         if s % t.sample_every == 0 or s == t.steps:
             self.sample_grid()
         if self.evaluator is not None and (s % self.cfg.eval.every == 0 or s == t.steps):
@@ -174,24 +252,42 @@ class Trainer:
         if s % t.checkpoint_every == 0 and s != t.steps:
             self.save()
 
-    def _log_progress(self, meter: "_Meter", started: int) -> None:
-        t = self.cfg.train
-        means, rate = meter.reduce(), 0.0
-        if meter.seconds > 0:
-            rate = meter.steps * t.batch_size * t.n_critic / meter.seconds
-        eta = (t.steps - self.step) * meter.seconds / max(meter.steps, 1)
-        means.update(images_per_s=rate, skipped_steps=float(self.skipped_steps),
-                     skipped_samples=float(dist.all_reduce_max(float(getattr(self.data_stream, "skipped", 0)), self.info.device)),
-                     lr_g=self.G.lr(), lr_d=self.D.lr(), kimg=self.images_seen / 1000)
+    def gpu_hours(self) -> float:
+        """Processes x wall hours of training so far, over all resumes (process-hours on CPU)."""
+        return (self.process_seconds + self.info.world_size * (time.monotonic() - self._clock)) / 3600
+
+    def _log_progress(self) -> None:
+        t, stats = self.cfg.train, self.stats
+        means, skipped, streak = stats.read()
+        self.skipped_steps += skipped
+        seconds, steps = stats.seconds, stats.steps
+        rate = steps * t.batch_size * t.n_critic / seconds if seconds > 0 else 0.0
+        wait = self.data_stream.wait_s if self.data_stream is not None else 0.0
+        means.update(images_per_s=rate, skipped_steps=float(self.skipped_steps), kimg=self.images_seen / 1000,
+                     data_wait_share=min(1.0, (wait - self._wait_mark) / seconds) if seconds > 0 else 0.0,
+                     skipped_samples=float(dist.all_reduce_max(
+                         float(getattr(self.data_stream, "skipped", 0)), self.info.device)),
+                     lr_g=self.G.lr(), lr_d=self.D.lr(), gpu_hours=self.gpu_hours())
+        self._wait_mark = wait
         for side, engine in (("G", self.G), ("D", self.D)):
             for name, layer in attention_layers(engine.raw).items():
                 means[f"gamma/{side}.{name}"] = float(layer.gamma.detach())
+        if skipped:
+            log.warning("steps %d..%d: %d update(s) skipped for non-finite gradients", self.step - steps + 1,
+                        self.step, skipped)
         if self.info.is_main:
             log.info("step %d/%d  kimg %.1f  loss_d %.3f  loss_g %.3f  D(x) %.2f  D(G(z)) %.2f  "
-                     "img/s %.1f  eta %s", self.step, t.steps, self.images_seen / 1000, means["loss_d"],
-                     means["loss_g"], means["d_real"], means["d_fake"], rate, _duration(eta))
+                     "img/s %.1f  data wait %.0f%%  eta %s", self.step, t.steps, self.images_seen / 1000,
+                     means["loss_d"], means["loss_g"], means["d_real"], means["d_fake"], rate,
+                     100 * means["data_wait_share"], _duration((t.steps - self.step) * seconds / max(steps, 1)))
             self.tracker.log_metrics(means, self.step)
-        meter.reset()
+        stats.reset()
+        if streak >= t.max_bad_steps:
+            raise NonFiniteError(
+                f"{streak} consecutive updates had non-finite losses or gradients (checked every "
+                f"train.log_every={t.log_every} steps); stopping instead of training on NaNs "
+                f"(train.max_bad_steps={t.max_bad_steps}). Try lower train.lr_d/lr_g, train.grad_clip, or "
+                "train.precision=bf16 instead of fp16.")
 
     def sample_grid(self) -> None:
         if not self.info.is_main:
@@ -207,7 +303,7 @@ class Trainer:
         """IS/FID/KID of the EMA generator; a better FID than ever before is kept as ``best``."""
         metrics = self.evaluator(self.ema.model, self.step)
         if self.info.is_main and metrics:
-            self.tracker.log_metrics(metrics, self.step)
+            self.tracker.log_metrics({**metrics, "gpu_hours": self.gpu_hours()}, self.step)
         fid = dist.broadcast_object((metrics or {}).get("fid") if self.info.is_main else None)
         if fid is not None and fid < self.best_fid:
             self.best_fid = fid
@@ -216,7 +312,8 @@ class Trainer:
     def save(self, name: str | None = None) -> Path:
         state = {"step": self.step, "images_seen": self.images_seen, "skipped_steps": self.skipped_steps,
                  "best_fid": self.best_fid, "G_ema": self.ema.state_dict(),
-                 "config": config.to_container(self.cfg), "tracking_run_id": self.tracker.run_id,
+                 "process_seconds": self.gpu_hours() * 3600,
+                 "config": redacted_config(config.to_container(self.cfg)), "tracking_run_id": self.tracker.run_id,
                  "rng": {"torch": torch.get_rng_state()}}
         path = checkpoint.save(self.run_dir, self.step, state, {"G": self.G, "D": self.D},
                                self.cfg.train.keep_checkpoints, self.info.is_main, name)
@@ -232,14 +329,18 @@ class Trainer:
         t, rank = self.cfg.train, self.info.rank
         self.latent_gen = torch.Generator(self.info.device).manual_seed(dist.rank_seed(t.seed, rank, self.step))
         torch.manual_seed(dist.rank_seed(t.seed + 1, rank, self.step))
-        self.data_stream = build_loader(self.cfg, self.shards, rank, self.info.world_size,
-                                        dist.rank_seed(t.seed, 0, self.step))
-        self.data: Iterator = iter(self.data_stream)
+        if self.data_stream is not None:
+            self.data_stream.close()
+        self.data_stream = self.batch_source(dist.rank_seed(t.seed, 0, self.step))
+        self._wait_mark = self.data_stream.wait_s
 
     def _resume(self) -> str | None:
         """Restore the newest valid snapshot (``train.resume``); returns its tracking run id."""
         mode = self.cfg.train.resume
         if mode == "never":
+            if self.info.is_main:
+                checkpoint.set_aside(self.run_dir)
+            dist.barrier()
             return None
         if mode == "auto":
             found = checkpoint.load_latest(self.run_dir, self._restore)
@@ -254,73 +355,20 @@ class Trainer:
 
     def _restore(self, snapshot: Path) -> dict[str, Any]:
         state = checkpoint.load_state(snapshot, self.info.device)
-        _check_compatible(state["config"], self.cfg, snapshot)
+        checkpoint.check_compatible(state["config"], self.cfg, snapshot)
         self.G.load(snapshot / "G")
         self.D.load(snapshot / "D")
         self.ema.load_state_dict(state["G_ema"])
         self.step, self.images_seen = int(state["step"]), int(state["images_seen"])
-        self.skipped_steps, self.best_fid = int(state["skipped_steps"]), float(state["best_fid"])
+        self.best_fid, self.skipped_steps = float(state["best_fid"]), int(state.get("skipped_steps", 0))
+        self.process_seconds = float(state.get("process_seconds", 0.0))
         torch.set_rng_state(state["rng"]["torch"].cpu())
         return state
 
-    # ---- preemption ---------------------------------------------------------------------------
-    def _install_sigterm(self) -> None:
-        def request_stop(signum: int, frame: Any) -> None:
-            self.stop_requested = True
-
-        signal.signal(signal.SIGTERM, request_stop)
-
-    def _stop_agreed(self) -> bool:
-        """Every rank stops at the same step once any rank got SIGTERM."""
-        return dist.all_reduce_max(float(self.stop_requested), self.info.device) > 0
-
-
-def _check_compatible(saved: dict[str, Any], cfg: DictConfig, snapshot: Path) -> None:
-    """The saved run's architecture must match; other differences are reported and allowed."""
-    current = config.to_container(cfg)
-    if saved.get("engine", "ddp") != cfg.engine:
-        raise config.ConfigError(f"config key 'engine' is {cfg.engine!r} but the snapshot {snapshot} "
-                                 f"was written by {saved.get('engine')!r}; resume with the same engine")
-    for section in ("model", "data"):
-        for key, value in saved.get(section, {}).items():
-            now = current[section].get(key)
-            if now == value:
-                continue
-            full = f"{section}.{key}"
-            if section == "model" and key not in ("checkpoint_from", "checkpoint_blocks", "sync_bn") \
-                    or full == "data.num_classes":
-                raise config.ConfigError(f"config key {full!r} is {now!r} but the snapshot {snapshot} "
-                                         f"was trained with {value!r}; resume needs the same value")
-            log.warning("config key %s changed since %s: %r -> %r", full, snapshot, value, now)
-
-
-class _Meter:
-    """Means of step statistics over a logging interval, reduced over ranks."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self.reset()
-
-    def reset(self) -> None:
-        self.sums: dict[str, float] = {}
-        self.steps, self.t0 = 0, time.perf_counter()
-
-    @property
-    def seconds(self) -> float:
-        return time.perf_counter() - self.t0
-
-    def add(self, stats: dict[str, float]) -> None:
-        for k, v in stats.items():
-            self.sums[k] = self.sums.get(k, 0.0) + v
-        self.steps += 1
-
-    def reduce(self) -> dict[str, float]:
-        keys = sorted(self.sums)
-        t = torch.tensor([self.sums[k] / max(self.steps, 1) for k in keys], dtype=torch.float64, device=self.device)
-        if dist.is_distributed():
-            torch.distributed.all_reduce(t)
-            t /= torch.distributed.get_world_size()
-        return dict(zip(keys, t.tolist()))
+    def _check_batch_fits(self) -> None:
+        per_sample = memory.largest_activation_per_sample(self.G.raw, self.D.raw, self.cfg.model.z_dim,
+                                                          self.G.autocast(), self.info.device)
+        memory.check_batch_fits(self.micro_batch, per_sample, self.info.device, self.cfg.train.batch_size)
 
 
 def _duration(seconds: float) -> str:
@@ -328,40 +376,25 @@ def _duration(seconds: float) -> str:
     return f"{seconds // 3600}h{seconds // 60 % 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
 
 
-def setup_logging(info: DistInfo, run_dir: Path | None = None) -> None:
-    fmt = f"%(asctime)s [rank {info.rank}] %(levelname)s %(name)s: %(message)s"
-    logging.basicConfig(level=logging.INFO if info.is_main else logging.WARNING, format=fmt,
-                        datefmt="%H:%M:%S", stream=sys.stdout, force=True)
-    if info.is_main and run_dir is not None:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        handler = logging.FileHandler(run_dir / "train.log")
-        handler.setFormatter(logging.Formatter(fmt, "%H:%M:%S"))
-        logging.getLogger().addHandler(handler)
-
-
-def split_args(items: Sequence[str]) -> tuple[list[str], list[str]]:
-    """CONFIG files and key=value overrides, in any order."""
-    return [i for i in items if "=" not in i], [i for i in items if "=" in i]
-
-
 def main(items: Sequence[str]) -> int:
-    yamls, overrides = split_args(items)
-    if not yamls:
-        raise config.ConfigError("no CONFIG given: name a YAML file or a shipped config such as 'demo'")
-    cfg = config.load(yamls, overrides, world_size=dist.env_world_size())
-    with dist.process_group() as info:
+    stop = StopSignals().install()  # first: a signal during set-up is a stop request too
+    cfg = config.load_items(items, world_size=dist.env_world_size())
+    dist.configure_threads()
+    from sagan_dist.logs import setup_logging
+
+    with dist.process_group(timeout_s=cfg.train.collective_timeout_s) as info:
         setup_logging(info, Path(cfg.train.run_dir))
         if info.is_main:
-            log.info("config:\n%s", OmegaConf.to_yaml(cfg))
-        trainer = Trainer(cfg, info)
+            log.info("config:\n%s", OmegaConf.to_yaml(redacted_config(config.to_container(cfg))))
+        trainer = Trainer(cfg, info, stop=stop)
         trainer.fit()
-        preempted = trainer.stop_requested
+        stopped = trainer.stopped
         # Free the engines (DeepSpeed's hold reference cycles) while the process group lives:
         # a gloo teardown abort at exit was seen otherwise.
         del trainer
         gc.collect()
-    # 128 + SIGTERM after a preemption snapshot: a Job must see "interrupted", not "completed".
-    return 143 if preempted else 0
+    # 128 + SIGTERM after a stop snapshot: a Job must see "interrupted", not "completed".
+    return 143 if stopped else 0
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:

@@ -1,13 +1,19 @@
 """DistributedDataParallel engine with torch.amp: autocast, a GradScaler for fp16, clipping.
 
-Spectral-norm u/v and BatchNorm statistics are buffers; DDP broadcasts rank 0's buffers before
-every forward, so they stay identical on all ranks.
+The step never reads the device. The gradient norm stays a tensor, and an update with
+non-finite gradients is masked inside the optimizer: fused Adam takes a ``found_inf`` tensor and
+leaves weights, moments and its step count untouched when it is 1 (the GradScaler path does the
+same for fp16). The loop reads the results at logging steps.
+
+Collectives. DDP all-reduces gradients in buckets during backward (``gradient_as_bucket_view``:
+the gradients *are* the buckets, so nothing is copied in or out and the layout contract holds).
+DDP's own buffer broadcast before every forward is off: the buffers that can differ between ranks
+(BatchNorm statistics of each rank's batch; spectral-norm u/v, kept equal for ranks whose kernels
+differ) are handed out from rank 0 once per update, in one coalesced collective.
 """
 from __future__ import annotations
 
 import contextlib
-import math
-import os
 from pathlib import Path
 from typing import ContextManager
 
@@ -15,17 +21,18 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from sagan_dist.dist import is_distributed
+from sagan_dist import fsio
+from sagan_dist.dist import broadcast_coalesced, is_distributed, replica_buffers
 from sagan_dist.engines.base import Engine, StepResult
 
 
-def _atomic_torch_save(obj: object, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+def adam(params: list[nn.Parameter], lr: float, betas: tuple[float, float], device: torch.device) -> torch.optim.Adam:
+    """Fused Adam (CPU and CUDA): one kernel per step, and it takes the skip decision as a tensor.
+
+    Betas as floats: torch 2.14's Adam rejects an int beta such as (0, 0.9).
+    """
+    fused = device.type in ("cpu", "cuda")
+    return torch.optim.Adam(params, lr=lr, betas=(float(betas[0]), float(betas[1])), fused=fused or None)
 
 
 class DDPEngine(Engine):
@@ -38,11 +45,12 @@ class DDPEngine(Engine):
                                  "no CPU kernel); set model.sync_bn=false on CPU")
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         self.raw = model.to(device)
-        self.module = (DistributedDataParallel(self.raw, device_ids=[device] if device.type == "cuda" else None)
+        self.module = (DistributedDataParallel(self.raw, device_ids=[device] if device.type == "cuda" else None,
+                                               broadcast_buffers=False, gradient_as_bucket_view=True)
                        if is_distributed() else self.raw)
-        # Betas as floats: torch 2.14's Adam rejects an int beta such as (0, 0.9).
-        self.optimizer = torch.optim.Adam(self.raw.parameters(), lr=lr, betas=(float(betas[0]), float(betas[1])))
+        self.optimizer = adam(list(self.raw.parameters()), lr, betas, device)
         self.scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+        self._buffers = replica_buffers(self.raw)
 
     def accumulating(self, last: bool) -> ContextManager:
         if last or not isinstance(self.module, DistributedDataParallel):
@@ -50,29 +58,29 @@ class DDPEngine(Engine):
         return self.module.no_sync()
 
     def zero_grad(self) -> None:
-        self.optimizer.zero_grad(set_to_none=True)
+        # Zeros, not None: with gradient_as_bucket_view the gradients are DDP's bucket views, and
+        # keeping them lets backward accumulate into the buckets in place.
+        self.optimizer.zero_grad(set_to_none=not isinstance(self.module, DistributedDataParallel))
 
     def backward(self, loss: torch.Tensor) -> None:
         self.scaler.scale(loss).backward()
 
     def step(self) -> StepResult:
         self.scaler.unscale_(self.optimizer)
-        params = [p for p in self.raw.parameters() if p.grad is not None]
-        max_norm = self.grad_clip if self.grad_clip > 0 else math.inf
-        norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
-        applied = math.isfinite(norm)
+        grads = [p.grad for p in self.raw.parameters() if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm(grads).float()
+        if self.grad_clip > 0:
+            torch.nn.utils.clip_grads_with_norm_(self.raw.parameters(), self.grad_clip, norm)
+        finite = torch.isfinite(norm)
         if self.scaler.is_enabled():
-            self.scaler.step(self.optimizer)  # skips the update itself on inf/nan
+            self.scaler.step(self.optimizer)  # masks the update itself on inf/nan, on the device
             self.scaler.update()
-        elif applied:
+        else:
+            self.optimizer.found_inf = (~finite).float()
             self.optimizer.step()
-        if is_distributed():
-            # DDP hands out rank 0's buffers before each forward, but the step's last forward
-            # leaves every rank with BatchNorm statistics of its own batch: re-sync, so that the
-            # replicas and the EMA generator (which copies G's buffers) are the same on all ranks.
-            for b in self.raw.buffers():
-                torch.distributed.broadcast(b, src=0)
-        return StepResult(applied, norm)
+            self.optimizer.found_inf = None
+        broadcast_coalesced(self._buffers)
+        return StepResult(finite, norm)
 
     def lr(self) -> float:
         return float(self.optimizer.param_groups[0]["lr"])
@@ -83,10 +91,11 @@ class DDPEngine(Engine):
 
     def save(self, path: Path) -> None:
         if self.is_main:  # DDP replicas are identical: rank 0 writes for all
-            _atomic_torch_save(self.state_dict(), path.with_suffix(".pt"))
+            fsio.save_torch(self.state_dict(), path.with_suffix(".pt"))
 
     def load(self, path: Path) -> None:
-        state = torch.load(path.with_suffix(".pt"), map_location=self.device, weights_only=True)
+        state = fsio.load_torch(path.with_suffix(".pt"), map_location=self.device)
         self.raw.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
+
