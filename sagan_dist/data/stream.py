@@ -100,7 +100,7 @@ class BatchStream:
         if isinstance(item, _Failed):
             self.close()
             raise item.error
-        images, labels, counts, ready = item
+        images, labels, ready, counts = item
         if ready is not None:  # the side stream's copy: order the consumer's stream after it
             current = torch.cuda.current_stream(self.device)
             current.wait_event(ready)
