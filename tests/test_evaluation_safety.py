@@ -7,6 +7,7 @@ warning and recomputed.
 """
 from __future__ import annotations
 
+import json
 import logging
 import math
 import pickle
@@ -64,9 +65,11 @@ def _key(tmp_path: Path, n: int = 6) -> dict:
     return reference_key(eval_config(tmp_path, "w.pth"), "s-{0..1}.tar", n, "sha")
 
 
-def _object_array_npz(path: Path, marker: Path) -> None:
-    """A well-formed .npz whose 'features' is an object array: np.load would unpickle it if allowed."""
-    np.savez(path, features=np.array([Payload(marker)], dtype=object), labels=np.zeros(6, dtype=np.int64))
+def _object_array_npz(path: Path, marker: Path, key: dict) -> None:
+    """A well-formed .npz of the right key whose 'features' is an object array: np.load would
+    unpickle it if allowed."""
+    np.savez(path, features=np.array([Payload(marker)], dtype=object), labels=np.zeros(6, dtype=np.int64),
+             key=np.array(json.dumps(key, sort_keys=True)))
 
 
 @pytest.mark.parametrize("damage", ["pickle", "torch-pickle", "object-array", "truncated", "other-key", "nan"])
@@ -76,7 +79,7 @@ def test_a_bad_reference_cache_is_named_with_its_reason_never_executed(tmp_path,
         plant(path, marker, torch_format=damage == "torch-pickle")
     elif damage == "object-array":
         path.parent.mkdir()
-        _object_array_npz(path, marker)
+        _object_array_npz(path, marker, key)
     else:
         ref = _reference()
         if damage == "nan":
