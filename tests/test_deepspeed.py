@@ -1,5 +1,6 @@
 """The DeepSpeed engine in one process: its generated config, config errors, agreement with the DDP
-engine, skipped non-finite and fp16-overflow steps, and checkpoints that fail loudly.
+engine, skipped non-finite and fp16-overflow steps, checkpoints that round-trip, fail loudly, and
+never run code planted in them.
 
 Multi-process behaviour (ZeRO sharding over ranks, replicas that agree, resume) is in
 tests/test_distributed.py.
@@ -8,16 +9,22 @@ from __future__ import annotations
 
 import logging
 import math
+import re
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
 from sagan_dist import checkpoint
-from sagan_dist.config import ConfigError, load
+from sagan_dist.config import DEEPSPEED_DTYPES, ConfigError, load
 from sagan_dist.dist import DistInfo
-from sagan_dist.engines.deepspeed import deepspeed_config
+from sagan_dist.engines.deepspeed import SAFE_CHECKPOINT_GLOBALS, TAG, deepspeed_config
+from sagan_dist.fsio import UnsafeFileError
 from sagan_dist.train import Trainer
+
+from deepspeed.accelerator import get_accelerator  # noqa: E402  (after sagan_dist set DS_ACCELERATOR)
+from deepspeed.runtime.config import DtypeEnum  # noqa: E402
 
 INFO = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 TINY = ["model.g_channels=8", "model.d_channels=8", "model.z_dim=16", "train.batch_size=8",
@@ -35,6 +42,20 @@ def _params(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def _states(tr: Trainer) -> list[dict[str, torch.Tensor]]:
     return [{k: v.detach().clone() for k, v in m.state_dict().items()} for m in (tr.G.raw, tr.D.raw, tr.ema.model)]
+
+
+def _outputs(tr: Trainer) -> dict[str, torch.Tensor]:
+    """G, EMA and D on fixed inputs, in training mode (BatchNorm on the batch's statistics)."""
+    gen = torch.Generator().manual_seed(123)
+    z, y = torch.randn(16, tr.cfg.model.z_dim, generator=gen), torch.arange(16) % tr.cfg.data.num_classes
+    with torch.no_grad():
+        fakes = tr.G.raw(z, y).float()
+        return {"G(z)": fakes, "ema(z)": tr.ema.model(z, y).float(), "D(G(z))": tr.D.raw(fakes, y).float()}
+
+
+FP16_ON_CPU = bool(get_accelerator().is_fp16_supported())  # None (not False) when unsupported
+needs_fp16 = pytest.mark.skipif(not FP16_ON_CPU, reason="Type fp16 is not supported on your device: DeepSpeed's "
+                                "CPU accelerator needs oneDNN fp16 (AVX-512 FP16/AMX), e.g. not on AVX2-only CPUs")
 
 
 # ---- the generated DeepSpeed config ---------------------------------------------------------------
@@ -75,20 +96,87 @@ def test_contradicting_settings_are_refused_naming_the_key(override, key):
         load(["demo"], [override])
 
 
+@pytest.mark.parametrize("precision, extra, key", [
+    # the reported crash: fp32 in the log, Half vs Float in the step
+    ("fp32", "{torch_autocast: {enabled: true, dtype: float16}}", "torch_autocast.enabled"),
+    ("fp32", "{bf16: {enabled: true}}", "bf16.enabled"),
+    ("fp32", "{bfloat16: {enabled: true}}", "bfloat16.enabled"),  # DeepSpeed's older name
+    ("fp32", "{data_types: {grad_accum_dtype: bf16}}", "data_types.grad_accum_dtype"),
+    ("fp32", "{data_types: {buffer_dtype: half}}", "data_types.buffer_dtype"),
+    ("fp32", "{amp: {enabled: true}}", "amp"),
+    ("bf16", "{fp16: {enabled: true}}", "fp16.enabled"),
+    ("bf16", "{torch_autocast: {dtype: float16}}", "torch_autocast.dtype"),
+    ("bf16", "{torch_autocast: {enabled: false}}", "torch_autocast.enabled"),  # would train in fp32
+    ("bf16", "{bf16: {enabled: true}}", "torch_autocast.enabled"),  # bf16 weights *and* autocast
+    ("bf16", "{bf16: {enabled: true}, bfloat16: {enabled: false}}", "bfloat16"),  # one hidden
+    ("bf16", "{torch_autocast: {enabled: false}, bf16: {enabled: true}, data_types: {param_dtype: fp32}}",
+     "data_types.param_dtype"),
+    ("fp16", "{fp16: {enabled: false}}", "fp16.enabled"),  # would train in fp32
+    ("fp16", "{torch_autocast: {enabled: true, dtype: float16}}", "torch_autocast.enabled"),
+    ("fp16", "{data_types: {grad_accum_dtype: fp32}}", "data_types.grad_accum_dtype"),
+    ("fp32", "{checkpoint: {load_universal: true}}", "checkpoint.load_universal"),  # not weights-only
+    ("fp32", "{checkpoint: {writer: {type: fast}}}", "checkpoint.writer"),
+    ("fp32", "{datastates_ckpt: {host_cache_size: 1}}", "datastates_ckpt"),
+])
+def test_precision_and_checkpoint_keys_that_contradict_ours_are_refused_naming_the_key(precision, extra, key):
+    with pytest.raises(ConfigError, match=re.escape(f"'deepspeed.extra.{key}'")):
+        load(["demo"], [f"train.precision={precision}", f"deepspeed.extra={extra}"])
+
+
+@pytest.mark.parametrize("precision, extra", [
+    ("bf16", "{torch_autocast: {dtype: torch.bfloat16}}"),
+    ("bf16", "{torch_autocast: {enabled: false}, bfloat16: {enabled: true}}"),
+    ("bf16", "{torch_autocast: {enabled: false}, bf16: {enabled: true}, data_types: {grad_accum_dtype: fp32}}"),
+    ("fp16", "{fp16: {enabled: true, initial_scale_power: 12}, data_types: {grad_accum_dtype: float16}}"),
+    ("fp32", "{torch_autocast: {enabled: false}, bf16: {enabled: false}, data_types: {buffer_dtype: float}}"),
+])
+def test_precision_keys_that_agree_are_accepted(precision, extra):
+    load(["demo"], [f"train.precision={precision}", f"deepspeed.extra={extra}"])
+
+
+def test_the_bfloat16_alias_becomes_deepspeeds_bf16_section():
+    cfg = load(["demo"], ["train.precision=bf16",
+                          "deepspeed.extra={torch_autocast: {enabled: false}, bfloat16: {enabled: true}}"])
+    ds = deepspeed_config(cfg, 1, torch.device("cpu"))
+    assert ds["bf16"] == {"enabled": True} and "bfloat16" not in ds
+    assert ds["data_types"] == {"buffer_dtype": "bf16"}  # the alias is seen by the CPU BatchNorm rule
+
+
+def test_our_dtype_spellings_are_deepspeeds():
+    for name, spellings in DEEPSPEED_DTYPES.items():
+        for spelling in spellings:
+            assert DtypeEnum(spelling) is DtypeEnum[name], spelling
+    assert {v for m in DtypeEnum if m.name != "int8" for v in m._all_values if isinstance(v, str)} \
+        == {v for spellings in DEEPSPEED_DTYPES.values() for v in spellings}
+
+
 # ---- training steps -------------------------------------------------------------------------------
 def test_a_bf16_step_is_the_ddp_engines_step(tmp_path):
-    """Same seed, same batch, one process: DeepSpeed's torch_autocast bf16 (ZeRO 1) and DDP's
-    autocast end the step bitwise equal (fp32 is compared over two ranks in test_distributed)."""
-    results = []
+    """Same seed, same batch, one process: after one D and one G update under DeepSpeed's
+    torch_autocast bf16 (ZeRO 1), G, D and the EMA compute what they compute under DDP's autocast.
+
+    Not bitwise: ZeRO 1 runs Adam over one flat fp32 partition, DDP over each parameter, and the
+    vectorised kernels round differently on different CPUs (equal on AVX-512, not on AVX2). Nor
+    per parameter: Adam's first update is lr * g / |g|, so a gradient that is rounding noise (zero
+    in exact arithmetic, e.g. a conv bias before BatchNorm or a key bias before softmax) moves by
+    +-lr either way. Those parameters do not change the networks' outputs, so we compare outputs:
+    measured difference 1.4e-6 (AVX2 EPYC), one update's effect 0.25 (G) to 4.1 (D); the tolerance
+    1e-4 sits between, so a wrong or missing update, lr or batch fails it.
+    """
+    outputs, stats = [], []
     for engine in ("ddp", "deepspeed"):
         tr = _trainer(tmp_path / engine, f"engine={engine}", "train.precision=bf16")
         tr._start_segment()
+        before = _outputs(tr)
         tr.train_step()
-        results.append(_states(tr))
-    for ddp, ds in zip(*results):
-        assert ddp.keys() == ds.keys()
-        for k in ddp:
-            assert torch.equal(ddp[k], ds[k]), k
+        outputs.append(_outputs(tr))
+        stats.append({k: v for k, v in tr.G.raw.state_dict().items() if "running" in k})
+    ddp, ds = outputs
+    for k in ddp:
+        assert (ddp[k] - before[k]).abs().max() > 0.1, k  # the update is far above the tolerance
+        torch.testing.assert_close(ds[k], ddp[k], rtol=0, atol=1e-4, msg=k)
+    for k in stats[0]:  # BatchNorm statistics of the same forwards: rounding only
+        torch.testing.assert_close(stats[1][k], stats[0][k], rtol=1e-4, atol=1e-6, msg=k)
 
 
 def test_bf16_weights_through_extra_train_with_bf16_parameters(tmp_path):
@@ -116,12 +204,13 @@ def test_non_finite_gradients_skip_the_update(tmp_path, stage):
     d_before, g_before = _params(tr.D.raw), _params(tr.G.raw)
     stats = tr.train_step()
     assert tr.skipped_steps == 2  # D's and G's update (G's loss came through the NaN D)
-    assert not torch.isfinite(torch.tensor([stats["grad_norm_d"], stats["grad_norm_g"]])).any()
+    assert not any(math.isfinite(float(stats[k])) for k in ("grad_norm_d", "grad_norm_g"))
     for before, net in ((d_before, tr.D.raw), (g_before, tr.G.raw)):
         for k, p in net.named_parameters():
             assert torch.equal(p, before[k]) or (p.isnan().all() and before[k].isnan().all()), k
 
 
+@needs_fp16
 def test_fp16_overflow_is_a_skipped_step_and_lowers_the_loss_scale(tmp_path):
     # 2^40 times any loss overflows fp16 (max 65504): DeepSpeed's loss scaler must skip the update
     # and halve the scale (at once, with hysteresis 1).
@@ -131,13 +220,90 @@ def test_fp16_overflow_is_a_skipped_step_and_lowers_the_loss_scale(tmp_path):
     tr._start_segment()
     before = _params(tr.D.raw)
     stats = tr._d_step()
-    assert tr.skipped_steps == 1 and stats["grad_norm_d"] == float("inf")
+    assert tr.skipped_steps == 1 and float(stats["grad_norm_d"]) == float("inf")
     assert tr.D.engine.optimizer.loss_scaler.cur_scale == 2.0**39
     for k, p in tr.D.raw.named_parameters():
         assert torch.equal(p, before[k]), k
 
 
 # ---- checkpoints ----------------------------------------------------------------------------------
+class Payload:
+    """Unpickling this runs ``open(marker, "w")``: what a pickle planted on the run volume would do."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+BF16_WEIGHTS = "deepspeed.extra={torch_autocast: {enabled: false}, bf16: {enabled: true}}"
+ROUND_TRIPS = [
+    ("0", "fp32", ()), ("1", "fp32", ()), ("2", "fp32", ()),
+    ("0", "bf16", ()), ("1", "bf16", ()), ("2", "bf16", (BF16_WEIGHTS,)),  # bf16 weights: BF16 ZeRO shards
+    pytest.param("1", "fp16", (), marks=needs_fp16),  # fp16: the DynamicLossScaler in the shard
+]
+
+
+def _optimizer_state(tr: Trainer, net: str) -> list[torch.Tensor]:
+    """Every tensor of the torch Adam inside the engine's optimizer (ZeRO's runs over fp32 partitions)."""
+    opt = getattr(tr, net).engine.optimizer
+    opt = getattr(opt, "optimizer", opt)
+    return [v.detach().clone() for state in opt.state_dict()["state"].values() for v in state.values()]
+
+
+@pytest.mark.parametrize("stage, precision, extra", ROUND_TRIPS)
+def test_checkpoints_round_trip_weights_only(tmp_path, stage, precision, extra):
+    """Save after a step, load into a fresh trainer: weights, buffers and Adam's state come back
+    bitwise (the same bytes copied back), through the weights-only loader, for every ZeRO stage."""
+    overrides = (*DS, f"deepspeed.zero_stage={stage}", f"train.precision={precision}", *extra)
+    trained = _trainer(tmp_path / "a", *overrides)
+    trained._start_segment()
+    trained.train_step()
+    for net in ("G", "D"):
+        getattr(trained, net).save(tmp_path / "snap" / net)
+    fresh = _trainer(tmp_path / "b", *overrides)
+    for net in ("G", "D"):
+        getattr(fresh, net).load(tmp_path / "snap" / net)
+        want, got = _optimizer_state(trained, net), _optimizer_state(fresh, net)
+        assert len(want) == len(got) > 0
+        assert all(torch.equal(a, b) for a, b in zip(want, got)), net
+    for want, got in zip(_states(trained)[:2], _states(fresh)[:2]):
+        for k in want:
+            assert torch.equal(want[k], got[k]), k
+
+
+def test_the_allowed_deepspeed_classes_are_plain_data():
+    """Loading an allowed class sets attributes or looks up an enum member; it must not be able to
+    run a method of its own (a __setstate__ or a reducer would)."""
+    for cls in SAFE_CHECKPOINT_GLOBALS:
+        assert not hasattr(cls, "__setstate__"), cls
+        assert all("__reduce" not in vars(c) for c in cls.__mro__ if c.__module__.startswith("deepspeed")), cls
+
+
+@pytest.mark.parametrize("stage, target", [("0", "model states"), ("1", "model states"), ("1", "ZeRO shard")])
+def test_a_planted_pickle_is_refused_naming_the_file_and_never_run(tmp_path, stage, target):
+    tr = _trainer(tmp_path / "run", *DS, f"deepspeed.zero_stage={stage}")
+    tr.G.save(tmp_path / "snap" / "G")
+    folder = tmp_path / "snap" / "G" / TAG
+    [victim] = (folder.glob("*optim_states.pt") if target == "ZeRO shard" else [folder / "mp_rank_00_model_states.pt"])
+    marker = tmp_path / "pwned"
+    # The payload is live: an ordinary (weights_only=False) load runs it.
+    torch.save({"module": Payload(marker)}, tmp_path / "control.pt")
+    torch.load(tmp_path / "control.pt", weights_only=False)
+    assert marker.exists()
+    marker.unlink()
+    original = victim.read_bytes()
+    torch.save({**torch.load(victim, weights_only=False), "planted": Payload(marker)}, victim)
+
+    with pytest.raises(UnsafeFileError, match=re.escape(str(victim))):
+        tr.G.load(tmp_path / "snap" / "G")
+    # DeepSpeed's own load path, past our pre-load scan, goes through the weights-only engine too.
+    with pytest.raises(UnsafeFileError, match=re.escape(str(victim))):
+        tr.G.engine.load_checkpoint(str(tmp_path / "snap" / "G"), tag=TAG)
+    assert not marker.exists()
+    victim.write_bytes(original)
+    tr.G.load(tmp_path / "snap" / "G")  # the same snapshot, unplanted, loads
 def test_load_of_a_missing_checkpoint_raises(tmp_path):
     tr = _trainer(tmp_path, *DS)
     with pytest.raises(FileNotFoundError, match="incomplete"):

@@ -25,12 +25,23 @@ other engine's ``backward`` (ZeRO 0 raises "Direct calls to tensor.backward() ar
 which holds because the loop makes the D step's fakes under no_grad and runs the G loss through
 ``D.raw`` with D's requires_grad off.
 
-Replicas: after every step rank 0's buffers (BatchNorm statistics) are broadcast, as in the DDP
-engine, so G, D and the EMA generator are identical on all ranks. Checkpoints: DeepSpeed's
-``save_checkpoint`` under the tag ``deepspeed`` (rank 0 writes the weights, every rank its ZeRO
-shard, so ``train.run_dir`` must be storage all nodes share); ``load`` raises when files are
-missing, on every rank alike, and a snapshot of another engine, ZeRO stage or ZeRO world size is a
-ConfigError rather than a corrupt snapshot to fall back from.
+Steps: `step` returns a StepResult of device tensors and adds no host reads of its own (DeepSpeed's
+ZeRO 1/2 and fp16/bf16 optimizers read their overflow flag themselves). ZeRO 0 with fp32
+parameters hands the gradients straight to Adam, so there the engine checks them on the device and
+hands torch's fused Adam a ``found_inf`` flag, which skips the update inside the kernel.
+
+Replicas: after every step rank 0's BatchNorm statistics (the only buffers that can drift apart)
+are broadcast in one coalesced collective, none for a net without BatchNorm, so G, D and the EMA
+generator are identical on all ranks.
+
+Checkpoints: DeepSpeed's ``save_checkpoint`` under the tag ``deepspeed`` (rank 0 writes the weights,
+every rank its ZeRO shard, so ``train.run_dir`` must be storage all nodes share). Everything is
+read weights-only: DeepSpeed's checkpoint engine is replaced by `WeightsOnlyCheckpointEngine`, which
+allows exactly the few plain-data DeepSpeed classes its files hold (SAFE_CHECKPOINT_GLOBALS), and
+before DeepSpeed starts loading every rank scans the pickles it will read, so a planted file is
+refused by all ranks alike (naming it) instead of leaving the others waiting in a collective.
+``load`` raises when files are missing, on every rank alike, and a snapshot of another ZeRO stage
+or ZeRO world size is a ConfigError rather than a corrupt snapshot to fall back from.
 """
 from __future__ import annotations
 
@@ -48,8 +59,9 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from sagan_dist.config import ConfigError
-from sagan_dist.dist import DistInfo
+from sagan_dist.dist import DistInfo, batch_statistics, broadcast_coalesced
 from sagan_dist.engines.base import Engine, StepResult
+from sagan_dist.fsio import UnsafeFileError, load_torch
 
 if not torch.cuda.is_available():
     # Pick DeepSpeed's CPU accelerator up front instead of letting it probe (and warn).
@@ -61,8 +73,24 @@ import deepspeed  # noqa: E402  (after DS_ACCELERATOR is set)
 # so mark it unavailable. DeepSpeed keeps this dict for the process, so the edit sticks.
 deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
+from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine  # noqa: E402
+from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler  # noqa: E402
+from deepspeed.runtime.zero.config import ZeroStageEnum  # noqa: E402
+from deepspeed.utils.tensor_fragment import fragment_address  # noqa: E402
+
 TAG = "deepspeed"  # the checkpoint tag: one checkpoint per engine directory, no 'latest' file
 MODEL_STATES = "mp_rank_00_model_states.pt"  # DeepSpeed's name for the weights (and metadata)
+
+# The non-tensor classes DeepSpeed 0.19.8 pickles into its checkpoints, each plain data: loading one
+# creates the object without calling its __init__ and sets its attributes (none of these defines
+# __setstate__ or __reduce__; tests/test_deepspeed.py checks that), or looks an enum member up.
+SAFE_CHECKPOINT_GLOBALS: list[type] = [
+    LossScaler,  # ZeRO 1/2 shards (fp32/bf16): {cur_scale, dynamic}
+    DynamicLossScaler,  # ZeRO 1/2 shards (fp16): scale, counters, hysteresis, and a torch.dtype
+    ZeroStageEnum,  # ZeRO shards: the stage, an int enum (rebuilt by value lookup)
+    fragment_address,  # ZeRO shards' parameter slice mappings: a dataclass (numel, start)
+]
+SAFE_GLOBAL_NAMES = frozenset(f"{c.__module__}.{c.__qualname__}" for c in SAFE_CHECKPOINT_GLOBALS)
 
 
 def deepspeed_config(cfg: DictConfig, world_size: int, device: torch.device) -> dict[str, Any]:
@@ -87,7 +115,10 @@ def deepspeed_config(cfg: DictConfig, world_size: int, device: torch.device) -> 
     elif t.precision == "fp16":
         ds["fp16"] = {"enabled": True}
     extra = cfg.deepspeed.extra
-    ds = merge(ds, OmegaConf.to_container(extra, resolve=True) if isinstance(extra, DictConfig) else dict(extra))
+    extra = OmegaConf.to_container(extra, resolve=True) if isinstance(extra, DictConfig) else dict(extra)
+    if "bfloat16" in extra:  # DeepSpeed's older name for the bf16 section (config refuses both)
+        extra["bf16"] = extra.pop("bfloat16")
+    ds = merge(ds, extra)
     low = [k for k in ("bf16", "fp16") if ds.get(k, {}).get("enabled")]
     if low and device.type == "cpu":
         # Parameters in bf16/fp16 but BatchNorm statistics in fp32 need a mixed-dtype BatchNorm
@@ -144,11 +175,41 @@ def _broadcast_scalars(model: nn.Module) -> None:
 
 
 def _agree(ok: bool, device: torch.device) -> bool:
-    """True on every rank only if ``ok`` is true on every rank."""
+    """True on every rank only if ``ok`` is true on every rank (load time only: it reads the flag)."""
     flag = torch.tensor([0.0 if ok else 1.0], device=device)
     if tdist.get_world_size() > 1:
         tdist.all_reduce(flag, op=tdist.ReduceOp.MAX)
     return flag.item() == 0.0
+
+
+def _low_precision_parameters(ds: Mapping[str, Any]) -> bool:
+    """Whether DeepSpeed will cast the parameters to bf16/fp16 under this DeepSpeed config."""
+    return any(ds.get(k, {}).get("enabled") for k in ("bf16", "fp16"))
+
+
+class WeightsOnlyCheckpointEngine(TorchCheckpointEngine):
+    """DeepSpeed's torch.save/torch.load checkpoint engine, loading with ``weights_only=True``.
+
+    DeepSpeed reads model states and ZeRO shards through ``engine.checkpoint_engine.load`` with
+    ``weights_only=False``: a pickle planted on the shared run volume would run code in every job.
+    Here a file asking for anything beyond tensors, containers, primitives and
+    SAFE_CHECKPOINT_GLOBALS raises UnsafeFileError naming it.
+    """
+
+    def load(self, path: str, map_location: Any = None) -> Any:
+        with torch.serialization.safe_globals(SAFE_CHECKPOINT_GLOBALS):
+            return load_torch(path, map_location=map_location)
+
+
+def unsafe_reason(path: Path) -> str | None:
+    """Why ``path`` would be refused by a weights-only load (None if it would not), read from the
+    pickle's opcodes without running any of it."""
+    try:
+        needed = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except Exception as e:  # noqa: BLE001 - not a torch zip file at all: say what was wrong
+        return f"it is not a readable torch checkpoint ({type(e).__name__}: {str(e)[:200]})"
+    refused = sorted(set(needed) - SAFE_GLOBAL_NAMES)
+    return f"it asks for {', '.join(refused)}, which would run code if loaded" if refused else None
 
 
 class DeepSpeedEngine(Engine):
@@ -157,17 +218,21 @@ class DeepSpeedEngine(Engine):
         self.name, self.info, self.device, self.precision = name, info, info.device, cfg.train.precision
         ensure_process_group(info)
         _broadcast_scalars(model)
-        optimizer = torch.optim.Adam(model.parameters(), lr=lr, betas=(float(betas[0]), float(betas[1])))
-        self.engine, _, _, _ = deepspeed.initialize(
-            model=model, optimizer=optimizer, config=deepspeed_config(cfg, info.world_size, info.device))
+        ds = deepspeed_config(cfg, info.world_size, info.device)
+        # ZeRO 1/2 and DeepSpeed's fp16/bf16 optimizers skip non-finite steps themselves; ZeRO 0
+        # with fp32 parameters hands the gradients straight to Adam, so we check them first and
+        # use fused Adam, whose kernel skips the update when told `found_inf` (a device flag).
+        self._mask_non_finite = cfg.deepspeed.zero_stage == 0 and not _low_precision_parameters(ds)
+        optimizer = torch.optim.Adam(model.parameters(), lr=lr, betas=(float(betas[0]), float(betas[1])),
+                                     fused=self._mask_non_finite or None)
+        self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds)
+        self.engine.checkpoint_engine = WeightsOnlyCheckpointEngine(self.engine._config)
         self.module = self.engine
         self.raw = self.engine.module
         self.dtype = next(self.raw.parameters()).dtype
         if self.dtype != torch.float32:
             self.raw.register_forward_pre_hook(self._cast_inputs)
-        # ZeRO 1/2 and DeepSpeed's fp16/bf16 optimizers skip non-finite steps themselves; ZeRO 0
-        # with fp32 parameters hands the gradients straight to Adam, so we check them first.
-        self._check_finite_first = self.engine.zero_optimization_stage() == 0 and self.dtype == torch.float32
+        self._stats = batch_statistics(self.raw)
 
     # ---- precision ----------------------------------------------------------------------------
     def autocast(self) -> ContextManager:
@@ -192,30 +257,34 @@ class DeepSpeedEngine(Engine):
         self.engine.backward(loss, scale_wrt_gas=False)  # the loop already divides by accumulation
 
     def step(self) -> StepResult:
-        result = self._update()
-        if self.info.world_size > 1:
-            # Each rank's forwards updated BatchNorm statistics with its own batch: hand out rank
-            # 0's, as the DDP engine does, so the replicas and the EMA generator (which copies G's
-            # buffers) are the same everywhere and rank 0's checkpoint holds what every rank has.
-            for b in self.raw.buffers():
-                tdist.broadcast(b, src=0)
+        result = self._update_masked() if self._mask_non_finite else self._update()
+        # Each rank's forwards updated BatchNorm statistics with its own batch: hand out rank 0's,
+        # as the DDP engine does, so the replicas and the EMA generator (which copies G's buffers)
+        # are the same everywhere and rank 0's checkpoint holds what every rank has.
+        broadcast_coalesced(self._stats)
         return result
+
+    def _update_masked(self) -> StepResult:
+        """ZeRO 0, fp32: the finiteness check stays on the device and gates fused Adam's kernel."""
+        self.engine.set_gradient_accumulation_boundary(True)
+        # Gradients were all-reduced at the boundary, so every rank sees the same norm.
+        norm = torch.nn.utils.get_total_norm([p.grad for p in self.raw.parameters() if p.grad is not None])
+        finite = torch.isfinite(norm)
+        self.engine.optimizer.found_inf = (~finite).float()
+        self.engine.step()  # clips (non-finite gradients stay so) and steps Adam, which skips on found_inf
+        return StepResult(finite, norm.float())
 
     def _update(self) -> StepResult:
         self.engine.set_gradient_accumulation_boundary(True)
-        if self._check_finite_first:
-            # Gradients were all-reduced at the boundary, so every rank sees the same norm.
-            norm = float(torch.nn.utils.get_total_norm(
-                [p.grad for p in self.raw.parameters() if p.grad is not None]))
-            if not math.isfinite(norm):
-                self.engine.zero_grad()
-                return StepResult(False, norm)
-            self.engine.step()
-            return StepResult(True, norm)
         self.engine.step()
-        applied = bool(self.engine.was_step_applied())  # False: overflow, already agreed on by ranks
+        # DeepSpeed's optimizers have already read their overflow flag (agreed on by all ranks) and
+        # hold the norm as a tensor or a float; filling a device scalar launches no host copy.
+        applied = torch.full((), bool(self.engine.was_step_applied()), dtype=torch.bool, device=self.device)
         norm = self.engine.get_global_grad_norm()
-        return StepResult(applied, math.nan if norm is None else float(norm))
+        if torch.is_tensor(norm):
+            return StepResult(applied, norm.detach().to(torch.float32).reshape(()))
+        value = math.nan if norm is None else float(norm)
+        return StepResult(applied, torch.full((), value, dtype=torch.float32, device=self.device))
 
     def lr(self) -> float:
         return float(self.engine.get_lr()[0])
@@ -227,12 +296,18 @@ class DeepSpeedEngine(Engine):
     def load(self, path: Path) -> None:
         self._check_layout(path)
         # Every rank reaches the same verdict before DeepSpeed starts its collectives, so a missing
-        # shard makes all ranks fall back to the previous snapshot instead of hanging.
-        missing = self._missing_files(path)
+        # or planted shard makes all ranks refuse (and fall back to the previous snapshot) instead
+        # of some hanging in a collective the others never join.
+        needed = self._needed_files(path)
+        missing = [str(f) for f in needed if not f.is_file() or f.stat().st_size == 0]
         if not _agree(not missing, self.device):
             raise FileNotFoundError(f"DeepSpeed checkpoint of {self.name} at {path / TAG} is incomplete "
                                     f"(on this rank missing: {', '.join(missing) or 'nothing'})")
-        load_path, _ = self.engine.load_checkpoint(str(path), tag=TAG)
+        unsafe = [f"{f} was refused: {reason}" for f in needed if (reason := unsafe_reason(f))]
+        if not _agree(not unsafe, self.device):
+            raise UnsafeFileError("; ".join(unsafe) or f"another rank refused a file of {path / TAG} "
+                                  "(it would run code if loaded); see that rank's error")
+        load_path, _ = self.engine.load_checkpoint(str(path), tag=TAG)  # weights-only, see above
         # DeepSpeed reports a checkpoint it cannot find with a warning and (None, None).
         if not _agree(load_path is not None, self.device):
             raise FileNotFoundError(f"DeepSpeed could not load the checkpoint of {self.name} at {path / TAG}")
@@ -244,24 +319,28 @@ class DeepSpeedEngine(Engine):
         folder = path / TAG
         if not (folder / MODEL_STATES).is_file():
             return  # missing: `load` says so
-        # mmap: reads the metadata, not the weights.
-        meta = torch.load(folder / MODEL_STATES, map_location="cpu", mmap=True, weights_only=True)
+        # mmap: reads the metadata, not the weights; every rank reads this same file, so a planted
+        # one raises UnsafeFileError on all of them alike.
+        meta = load_torch(folder / MODEL_STATES, mmap=True)
         saved_stage = meta["ds_config"].get("zero_optimization", {}).get("stage", 0)
         stage, world = self.engine.zero_optimization_stage(), self.info.world_size
         if (saved_stage == 0) != (stage == 0):
             raise ConfigError(f"{folder} was saved with deepspeed.zero_stage={saved_stage} but "
                               f"deepspeed.zero_stage is {stage}; resume with the stage it was trained with")
         if stage > 0 and meta["dp_world_size"] != world:
-            raise ConfigError(f"{folder} holds ZeRO optimizer shards of {meta['dp_world_size']} ranks; "
-                              f"DeepSpeed cannot re-split them over {world}: resume with "
-                              f"{meta['dp_world_size']} processes in all")
+            saved = meta["dp_world_size"]
+            raise ConfigError(
+                f"{folder} holds ZeRO {stage} optimizer shards of {saved} ranks, but this job has {world}: "
+                f"DeepSpeed cannot re-split them. Resume with {saved} processes in all (nodes x "
+                f"processes per node = {saved}), or start a new run (another train.run_dir) to train "
+                f"on {world}")
 
-    def _missing_files(self, path: Path) -> list[str]:
-        """The files this rank needs from a checkpoint that are absent or empty."""
+    def _needed_files(self, path: Path) -> list[Path]:
+        """The files this rank reads from a checkpoint: the weights, and its own ZeRO shard."""
         folder = path / TAG
         wanted = [folder / MODEL_STATES]
         if self.engine.zero_optimization_stage() > 0:
             rank = self.engine.global_rank
             shards = sorted(folder.glob(f"*zero_pp_rank_{rank}_mp_rank_00_optim_states.pt"))
             wanted.append(shards[0] if shards else folder / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt")
-        return [str(f) for f in wanted if not f.is_file() or f.stat().st_size == 0]
+        return wanted
