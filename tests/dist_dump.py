@@ -21,7 +21,8 @@ from pathlib import Path
 import torch
 
 from sagan_dist import config, dist
-from sagan_dist.train import Trainer, setup_logging
+from sagan_dist.logs import setup_logging
+from sagan_dist.train import Trainer
 
 TINY = ["model.g_channels=8", "model.d_channels=8", "model.z_dim=16", "train.batch_size=8",
         "train.checkpoint_every=2", "train.log_every=2", "train.sample_every=1000",
@@ -53,7 +54,7 @@ def nonfinite(out: Path, overrides: list[str], info: dist.DistInfo) -> None:
     trainer._start_segment()
     D = trainer.D
     before = {k: p.detach().clone() for k, p in D.raw.named_parameters()}  # buffers: SN moves u, v
-    x, y = next(trainer.data)
+    x, y = trainer.data_stream.next_batch()
     D.zero_grad()
     with D.accumulating(last=True):
         with D.autocast():

@@ -100,7 +100,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from sagan_dist.data import prepare_data
-    from sagan_dist.train import setup_logging
+    from sagan_dist.logs import setup_logging
 
     with dist.process_group() as info:
         setup_logging(info)
