@@ -109,3 +109,30 @@ def test_postgres_overlay_points_mlflow_at_postgres_with_a_secret_password():
     assert env["PGPASSWORD"]["valueFrom"]["secretKeyRef"] == {"name": "sagan-postgres", "key": "password"}
     assert {"Service", "Deployment", "PersistentVolumeClaim"} <= {o["kind"] for o in objects
                                                                   if "postgres" in o["metadata"]["name"]}
+
+
+@needs_kustomize
+@pytest.mark.parametrize("image, expected", [
+    ({"newName": "registry.example.com/sagan-dist", "digest": "sha256:" + "ab" * 32},
+     "registry.example.com/sagan-dist@sha256:" + "ab" * 32),
+    ({"newName": "registry.example.com/sagan-dist", "newTag": "0.1.0", "digest": "sha256:" + "cd" * 32},
+     "registry.example.com/sagan-dist:0.1.0@sha256:" + "cd" * 32),
+])
+def test_image_pinned_by_digest_reaches_every_pod_and_the_trainjob(tmp_path, image, expected):
+    # What `kustomize edit set image sagan-dist=REGISTRY/sagan-dist[:TAG]@sha256:...` writes.
+    tree = tmp_path / "k8s"
+    shutil.copytree(K8S, tree)
+    component = tree / "components/image/kustomization.yaml"
+    data = yaml.safe_load(component.read_text())
+    data["images"] = [{"name": "sagan-dist", **image}]
+    component.write_text(yaml.safe_dump(data))
+    cmd = kustomize_command()
+    assert cmd is not None
+    for target in ["overlays/trainjob", "overlays/pytorchjob", "platform"]:
+        out = subprocess.run([*cmd, str(tree / target)], capture_output=True, text=True, check=True).stdout
+        objects = [o for o in yaml.safe_load_all(out) if o]
+        images = [c["image"] for pod in pod_specs(objects) for c in pod["containers"]]
+        images += [o["spec"]["trainer"]["image"] for o in objects if o["kind"] == "TrainJob"]
+        images += [c["image"] for o in objects if o["kind"] == "Deployment"
+                   for c in o["spec"]["template"]["spec"]["containers"] if c["name"] == "mlflow"]
+        assert images and set(images) == {expected}, (target, images)
