@@ -22,7 +22,8 @@ COMMANDS = {
                   "Draw where each self-attention query looks (one PNG sheet per layer, maps.pt) for "
                   "a checkpoint's EMA generator, or its discriminator on real images"),
     "evaluate": ("sagan_dist.evaluation",
-                 "Compute IS / FID / KID (torch-fidelity) of a checkpoint's EMA generator"),
+                 "Compute IS / FID / KID / precision-recall (torch-fidelity) and, with --classes, "
+                 "intra-class FID of a checkpoint's EMA generator"),
     "make-shards": ("sagan_dist.data.shards",
                     "Write webdataset tar shards from an ImageFolder tree (e.g. ImageNet train)"),
     "sync": ("sagan_dist.tracking.sync",
