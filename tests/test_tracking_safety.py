@@ -8,7 +8,6 @@ import logging
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -181,7 +180,7 @@ def test_redact_uri_hides_passwords_and_secret_query_values_and_keeps_the_rest()
         "s3://bucket/x?X-Amz-Signature=REDACTED&X-Amz-Credential=REDACTED"
     plain = "http://127.0.0.1:5000"
     assert redact_uri(plain) == plain and redact_uri("sqlite:////tmp/mlflow.db") == "sqlite:////tmp/mlflow.db"
-    assert redact_uri(f"API request to http://a:b@h/api failed") == "API request to http://a:REDACTED@h/api failed"
+    assert redact_uri("API request to http://a:b@h/api failed") == "API request to http://a:REDACTED@h/api failed"
     container = {"tracking": {"uri": "http://a:b@h"}, "train": {"lr_d": 1}}
     assert redacted_config(container) == {"tracking": {"uri": "http://a:REDACTED@h"}, "train": {"lr_d": 1}}
     assert container["tracking"]["uri"] == "http://a:b@h"  # a copy

@@ -34,16 +34,17 @@ def now_ms() -> int:
     return int(time.time() * 1000)
 
 
-def open_nofollow(path: Path) -> IO[bytes]:
-    """Open a journal file for reading and writing without following a symlink planted there."""
+def open_nofollow(path: Path, write: bool = False) -> IO[bytes]:
+    """Open a journal file for reading (and writing) without following a symlink planted there."""
     try:
-        fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+        fd = os.open(path, (os.O_RDWR if write else os.O_RDONLY) | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError as e:
         if e.errno == errno.ELOOP:
-            raise UnsafeFileError(f"{path} is a symbolic link; refusing to read or write through it "
-                                  "(remove it: the run directory should hold only what the run wrote)") from None
+            raise UnsafeFileError(f"{path} is a symbolic link; refusing to read or write through "
+                                  "it (remove it: the run directory should hold only what the run "
+                                  "wrote)") from None
         raise
-    return os.fdopen(fd, "r+b")
+    return os.fdopen(fd, "r+b" if write else "rb")
 
 
 def read_state(path: Path) -> dict[str, Any]:
@@ -134,7 +135,7 @@ class Journal:
     def _scan(self) -> None:
         """Next sequence number and last step per metric; cut a last line torn by a crash."""
         good = 0
-        with open_nofollow(self.records) as f:
+        with open_nofollow(self.records, write=True) as f:
             for line in f:
                 if not line.endswith(b"\n"):
                     break
@@ -254,7 +255,8 @@ class Journal:
             with fsio.open_append(rejected, binary=False) as f:
                 f.write(json.dumps(entry) + "\n")
         except (OSError, UnsafeFileError) as e:  # then the warning below is all that is left of it
-            log.warning("could not keep a refused record in %s (%s): %s", rejected, e, json.dumps(entry)[:2000])
+            log.warning("could not keep a refused record in %s (%s): %s", rejected, e,
+                        json.dumps(entry)[:2000])
         self.rejected += 1
         if self.rejected <= 5:
             log.warning("MLflow refused a %s record (seq %d): %s; kept in %s", record["kind"],

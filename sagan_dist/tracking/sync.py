@@ -64,7 +64,8 @@ def _deliver(journal: Journal, path: Path, cli_uri: Optional[str]) -> bool:
     uri = _uri(journal, cli_uri)
     shown = redact_uri(uri) if uri else journal.state["uri"]
     if not journal.undelivered:
-        print(f"{path}: nothing to deliver (MLflow run {journal.state['run_id'] or 'not created'} at {shown})")
+        run_id = journal.state["run_id"] or "not created"
+        print(f"{path}: nothing to deliver (MLflow run {run_id} at {shown})")
         return True
     if uri is None:
         print(f"{path}: the run's tracking URI had credentials, which are never stored ({shown}); "

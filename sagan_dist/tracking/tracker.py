@@ -188,8 +188,8 @@ def _open_journal(cfg: DictConfig, run_dir: Path, run_id: Optional[str], uri: st
         try:
             journal = Journal.acquire(path)
             why = "is in use by another process"
-        except UnsafeFileError as e:  # a planted symlink: leave that journal alone
-            why = f"cannot be used ({e})"
+        except (UnsafeFileError, OSError, ValueError) as e:  # a planted symlink, a torn state.json:
+            why = f"cannot be used ({e})"  # leave that journal alone, tracking must not stop training
     if run_id and journal is None:
         new_run = " (and a new MLflow run)" if run_id.startswith(PENDING) else ""
         log.warning("the tracking journal of run %s %s; journaling to a new one%s", run_id, why, new_run)
