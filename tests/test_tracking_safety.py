@@ -184,3 +184,15 @@ def test_redact_uri_hides_passwords_and_secret_query_values_and_keeps_the_rest()
     container = {"tracking": {"uri": "http://a:b@h"}, "train": {"lr_d": 1}}
     assert redacted_config(container) == {"tracking": {"uri": "http://a:REDACTED@h"}, "train": {"lr_d": 1}}
     assert container["tracking"]["uri"] == "http://a:b@h"  # a copy
+
+
+def test_a_redacted_uri_from_a_saved_config_takes_credentials_from_the_environment(monkeypatch):
+    from sagan_dist.tracking.uri import client_uri
+
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "alice")
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "from-env")
+    assert client_uri("http://alice:REDACTED@host:5000/x") == "http://host:5000/x"
+    assert os.environ["MLFLOW_TRACKING_PASSWORD"] == "from-env"
+    assert client_uri("https://bob:p%40ss@host") == "https://host"  # the URI's own win
+    assert (os.environ["MLFLOW_TRACKING_USERNAME"], os.environ["MLFLOW_TRACKING_PASSWORD"]) == ("bob", "p@ss")
+    assert client_uri("sqlite:////tmp/x.db") == "sqlite:////tmp/x.db"

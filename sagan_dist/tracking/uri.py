@@ -11,6 +11,7 @@ failed``) cannot show them either.
 from __future__ import annotations
 
 import copy
+import logging
 import os
 import re
 from pathlib import Path
@@ -18,6 +19,8 @@ from typing import Any
 from urllib.parse import unquote
 
 from omegaconf import DictConfig
+
+log = logging.getLogger(__name__)
 
 DEFAULT_URI = "sqlite:///mlflow.db"  # MLflow's own default tracking store
 REDACTED = "REDACTED"
@@ -95,9 +98,15 @@ def client_uri(uri: str) -> str:
     if match is None:
         return uri
     user, colon, password = match.group(2).partition(":")
-    os.environ["MLFLOW_TRACKING_USERNAME"] = unquote(user)
-    if colon:
-        os.environ["MLFLOW_TRACKING_PASSWORD"] = unquote(password)
+    if REDACTED in (user, password):
+        # A URI from a saved config (a snapshot's, for `evaluate --mlflow`): its secret is gone,
+        # the environment has to supply it.
+        log.warning("the tracking URI %s had its credentials redacted when it was saved; MLflow uses "
+                    "MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD instead", uri)
+    else:
+        os.environ["MLFLOW_TRACKING_USERNAME"] = unquote(user)
+        if colon:
+            os.environ["MLFLOW_TRACKING_PASSWORD"] = unquote(password)
     return match.group(1) + match.group(3)
 
 
