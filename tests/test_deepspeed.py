@@ -188,8 +188,9 @@ def test_bf16_weights_through_extra_train_with_bf16_parameters(tmp_path):
     assert tr.G.raw.out_bn.running_var.dtype == torch.bfloat16
     tr._start_segment()
     before = _params(tr.G.raw)
-    stats = tr.train_step()
-    assert tr.skipped_steps == 0 and all(map(math.isfinite, stats.values()))
+    tr.train_step()
+    means, skipped, _ = tr.stats.read()
+    assert skipped == 0 and all(map(math.isfinite, means.values()))
     assert any(not torch.equal(p, before[k]) for k, p in tr.G.raw.named_parameters())
     assert all(torch.isfinite(v.float()).all() for v in tr.ema.model.state_dict().values())
 
@@ -202,9 +203,10 @@ def test_non_finite_gradients_skip_the_update(tmp_path, stage):
         tr.D.raw.linear.parametrizations.weight.original.fill_(float("nan"))
     tr._start_segment()
     d_before, g_before = _params(tr.D.raw), _params(tr.G.raw)
-    stats = tr.train_step()
-    assert tr.skipped_steps == 2  # D's and G's update (G's loss came through the NaN D)
-    assert not any(math.isfinite(float(stats[k])) for k in ("grad_norm_d", "grad_norm_g"))
+    tr.train_step()
+    means, skipped, _ = tr.stats.read()
+    assert skipped == 2  # D's and G's update (G's loss came through the NaN D)
+    assert not any(math.isfinite(means[k]) for k in ("grad_norm_d", "grad_norm_g"))
     for before, net in ((d_before, tr.D.raw), (g_before, tr.G.raw)):
         for k, p in net.named_parameters():
             assert torch.equal(p, before[k]) or (p.isnan().all() and before[k].isnan().all()), k
@@ -219,8 +221,8 @@ def test_fp16_overflow_is_a_skipped_step_and_lowers_the_loss_scale(tmp_path):
     assert next(tr.D.raw.parameters()).dtype == torch.float16
     tr._start_segment()
     before = _params(tr.D.raw)
-    stats = tr._d_step()
-    assert tr.skipped_steps == 1 and float(stats["grad_norm_d"]) == float("inf")
+    loss, real, fake, grad_norm = tr._d_step(tr.next_batches()[:1]).tolist()
+    assert tr.stats.read()[1] == 1 and grad_norm == float("inf")
     assert tr.D.engine.optimizer.loss_scaler.cur_scale == 2.0**39
     for k, p in tr.D.raw.named_parameters():
         assert torch.equal(p, before[k]), k
@@ -311,15 +313,24 @@ def test_load_of_a_missing_checkpoint_raises(tmp_path):
 
 
 @pytest.mark.slow
-def test_snapshot_missing_a_zero_shard_falls_back_to_the_previous(tmp_path, caplog):
+@pytest.mark.parametrize("damage", ["missing", "planted"])
+def test_snapshot_with_a_bad_zero_shard_falls_back_to_the_previous(tmp_path, caplog, damage):
+    """A lost shard (DeepSpeed alone would load the weights and silently drop Adam's state) or a
+    planted one: the resume takes the previous snapshot, says why, and runs nothing."""
     _trainer(tmp_path, *DS, "train.steps=2", "train.checkpoint_every=1").fit()
     newest = checkpoint.list_checkpoints(tmp_path)[-1]
     [shard] = (newest / "D" / "deepspeed").glob("*zero_pp_rank_0_*optim_states.pt")
-    shard.unlink()  # DeepSpeed alone would load the weights and silently drop Adam's state
+    marker = tmp_path / "pwned"
+    if damage == "missing":
+        shard.unlink()
+    else:
+        torch.save({**torch.load(shard, weights_only=False), "planted": Payload(marker)}, shard)
     with caplog.at_level(logging.WARNING):
         resumed = _trainer(tmp_path, *DS, "train.steps=2")
     assert resumed.step == 1
-    assert "step-00000002 is truncated or corrupt" in caplog.text
+    assert f"{newest} cannot be loaded" in caplog.text
+    assert ("incomplete" if damage == "missing" else "UnsafeFileError") in caplog.text
+    assert not marker.exists()
 
 
 @pytest.mark.slow
