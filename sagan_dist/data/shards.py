@@ -10,14 +10,23 @@ with one folder per synset) into ``OUT/{split}-000000.tar, ...``. Each sample ho
 
 and next to the shards: ``classes.json`` (class name -> index), ``{split}-index.json`` (shards
 with their sample counts, the total, the brace pattern to put in ``data.shards``) and
-``{split}-skipped.tsv`` (images that could not be read, with the error).
+``{split}-skipped.tsv`` (images that could not be read, with the error, and symlinked folders).
+
+Images of any mode are converted to RGB by images.to_rgb (16-bit grayscale scaled, transparency on
+mid-grey); an image of more than ``--max-pixels`` (read from its header) is skipped.
+
+Symbolic links: a symlinked *folder* (a class folder, or one inside a class) is not followed -- a
+link can loop, or repeat another class's images under a second label -- and is reported (a warning
+and a line in the .tsv). A symlinked *file* is read if its target is a regular file (how subsets of
+a dataset are often assembled); a link to anything else (a FIFO, a device, nothing) is skipped.
 
 The file list is shuffled (``--seed``) before it is cut into shards, so every shard mixes all
 classes; the cut is fixed by a plan saved in ``OUT/.{split}-parts/`` on the first run. That makes
 the run resumable: shards are written in parallel (``--workers``), each to a temporary name and
 renamed only when complete, so a rerun after a crash or a kill skips the finished ones and never
-sees a half-written tar under a final name. A rerun on a changed SRC or with other options is
-refused rather than mixing two plans.
+sees a half-written tar under a final name (shardfiles.py: how temporaries are made safe and
+how a rerun tells a dead writer's from a live one's). A rerun on a changed SRC or with other
+options is refused rather than mixing two plans.
 
 webdataset's ``ShardWriter`` is not used: it names shards as it goes, which cannot be resumed or
 parallelised; ``TarWriter`` writes each planned shard.
@@ -30,124 +39,36 @@ import contextlib
 import hashlib
 import io
 import json
-import math
+import logging
 import multiprocessing
 import os
 import random
 import re
+import stat
 import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
-import webdataset as wds
 from PIL import Image
+
+from sagan_dist import fsio
+from sagan_dist.data.images import open_capped, to_rgb
+from sagan_dist.data.shardfiles import remove_stale_partials, shard_name, write_json, write_metadata, write_shard
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 KEPT_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}  # stored as is with --keep-original
 SAMPLE_OVERHEAD = 2560  # tar headers and padding of a sample's 3 members, plus .cls and .json
 PILOT_IMAGES = 32  # images encoded to estimate the bytes per sample for --shard-size
-PARTIAL = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.partial$")
+MAX_PIXELS = 64_000_000  # default of --max-pixels (and of data.max_pixels)
 SIZE = re.compile(r"^\s*(?P<num>\d+(?:\.\d+)?)\s*(?P<unit>[kmgt]?i?b?)\s*$", re.IGNORECASE)
+
+log = logging.getLogger(__name__)
 
 
 class ShardError(RuntimeError):
     """make-shards cannot start or continue: bad SRC, or OUT holds another plan."""
-
-
-# ------------------------------------------------------------------------------ atomic writes
-def shard_name(split: str, index: int) -> str:
-    return f"{split}-{index:06d}.tar"
-
-
-def shard_pattern(split: str, count: int) -> str:
-    """Brace notation for shards 0 .. count-1, as `data.shards` takes it."""
-    return f"{split}-{{{0:06d}..{count - 1:06d}}}.tar"
-
-
-def _partial_path(path: Path) -> Path:
-    # The pid keeps two writers of the same shard (a rerun next to an orphaned worker) apart.
-    return path.with_name(f".{path.name}.{os.getpid()}.partial")
-
-
-@contextlib.contextmanager
-def _atomic_file(path: Path) -> Iterator[io.BufferedWriter]:
-    tmp = _partial_path(path)
-    try:
-        with open(tmp, "wb") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def write_json(path: Path, obj: Any) -> None:
-    """Write JSON to a temporary name and rename it, so readers see the old or the new file."""
-    with _atomic_file(path) as f:
-        f.write(json.dumps(obj, indent=1).encode())
-
-
-def write_shard(path: Path, samples: Iterable[dict[str, Any]]) -> tuple[int, int]:
-    """Write samples (webdataset dicts) to the tar ``path`` atomically; returns (samples, bytes)."""
-    count = 0
-    with _atomic_file(path) as f:
-        # A fixed mtime makes a rewritten shard byte-identical to the first one.
-        writer = wds.TarWriter(f, mtime=0)
-        for sample in samples:
-            writer.write(sample)
-            count += 1
-        writer.close()
-    return count, path.stat().st_size
-
-
-def remove_stale_partials(folder: Path) -> int:
-    """Delete temporary files left by writers that were killed (their pid no longer runs)."""
-    removed = 0
-    for entry in folder.iterdir() if folder.is_dir() else ():
-        m = PARTIAL.match(entry.name)
-        if m and not _pid_alive(int(m["pid"])):
-            entry.unlink(missing_ok=True)
-            removed += 1
-    return removed
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a killed worker whose parent died too can linger as a zombie nobody reaps
-        with open(f"/proc/{pid}/stat", encoding="ascii") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return True
-
-
-def write_metadata(out: Path, split: str, classes: Sequence[str], shards: Sequence[dict[str, Any]],
-                   extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """classes.json and {split}-index.json (written last: its presence means the set is complete)."""
-    write_json(out / "classes.json", {name: i for i, name in enumerate(classes)})
-    index = {"split": split, "pattern": shard_pattern(split, len(shards)),
-             "total": sum(s["samples"] for s in shards), "num_classes": len(classes),
-             **(extra or {}), "shards": list(shards)}
-    write_json(out / f"{split}-index.json", index)
-    return index
-
-
-def read_index(out: Path, split: str) -> dict[str, Any] | None:
-    """The index of a complete shard set in ``out``, or None if it is missing or incomplete."""
-    try:
-        index = json.loads((out / f"{split}-index.json").read_text())
-    except (OSError, ValueError):
-        return None
-    if all((out / s["name"]).is_file() for s in index["shards"]):
-        return index
-    return None
 
 
 # ------------------------------------------------------------------------------ the source tree
@@ -161,29 +82,56 @@ class Options:
     seed: int = 0
     per_shard: int = 0  # 0: derived from shard_size
     shard_size: float = 1e9
+    max_pixels: int = MAX_PIXELS
 
 
-def scan_image_folder(src: Path) -> tuple[list[str], list[tuple[str, int]], int]:
-    """Class names (sorted folders), (path relative to src, label) of each image, ignored files."""
+@dataclass
+class Scan:
+    """What SRC holds: class names (sorted folders), (path relative to SRC, label) of each image,
+    files ignored (not images), and (path, reason) of folders skipped (symlinks)."""
+    classes: list[str]
+    items: list[tuple[str, int]]
+    ignored: int
+    skipped: list[tuple[str, str]]
+
+
+LINK_REASON = "symlinked folder: not followed (a link can loop or repeat another class's images)"
+
+
+def scan_image_folder(src: Path) -> Scan:
+    """The classes and images of ``src``; symlinked folders are skipped and warned about."""
     if not src.is_dir():
         raise ShardError(f"{src}: not a directory")
-    classes = sorted(e.name for e in os.scandir(src) if e.is_dir() and not e.name.startswith("."))
+    skipped: list[tuple[str, str]] = []
+    classes = []
+    for entry in sorted(os.scandir(src), key=lambda e: e.name):
+        if entry.name.startswith(".") or not entry.is_dir():
+            continue
+        if entry.is_symlink():
+            skipped.append((entry.name + "/", LINK_REASON))
+        else:
+            classes.append(entry.name)
     if not classes:
         raise ShardError(f"{src}: no class folders (expected SRC/<class>/<image>, "
                          "e.g. ImageNet's train/n01440764/n01440764_10026.JPEG)")
     items: list[tuple[str, int]] = []
     ignored = 0
     for label, name in enumerate(classes):
-        for root, dirs, files in os.walk(src / name, followlinks=True):
-            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for root, dirs, files in os.walk(src / name):  # followlinks=False: see the docstring
+            links = {d for d in dirs if os.path.islink(os.path.join(root, d))}
+            skipped += [(os.path.relpath(os.path.join(root, d), src) + "/", LINK_REASON)
+                        for d in sorted(links) if not d.startswith(".")]
+            dirs[:] = sorted(d for d in dirs if not d.startswith(".") and d not in links)
             for f in sorted(files):
                 if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith("."):
                     items.append((os.path.relpath(os.path.join(root, f), src), label))
                 else:
                     ignored += 1
+    for path, reason in skipped:
+        log.warning("%s: skipped %s", src / path, reason)
     if not items:
         raise ShardError(f"{src}: no images ({', '.join(IMAGE_EXTENSIONS)}) in {len(classes)} class folders")
-    return classes, items, ignored
+    return Scan(classes, items, ignored, skipped)
 
 
 def _fingerprint(classes: Sequence[str], items: Sequence[tuple[str, int]]) -> str:
@@ -200,12 +148,13 @@ def encode_image(raw: bytes, opts: Options) -> tuple[bytes, str, tuple[int, int]
     The whole image is always decoded, so a truncated or corrupt file is caught here rather than
     by every training run that reads it.
     """
-    with Image.open(io.BytesIO(raw)) as img:
+    with open_capped(raw, opts.max_pixels, "--max-pixels") as img:
         fmt, mode, size = img.format, img.mode, img.size
         target = None if opts.keep_original else _downscaled(size, opts.short_side)
         if target:
             img.draft("RGB", target)  # DCT-scaled JPEG decode, still >= target
-        rgb = img.convert("RGB")
+        rgb = to_rgb(img)
+        rgb.load()  # decode it all, here: a truncated file fails now
     keep = opts.keep_original or (target is None and fmt == "JPEG" and mode in ("RGB", "L"))
     if keep and fmt in KEPT_FORMATS:
         return raw, KEPT_FORMATS[fmt], size
@@ -225,7 +174,10 @@ def _downscaled(size: tuple[int, int], short_side: int) -> tuple[int, int] | Non
 
 
 def _sample(src: Path, rel: str, label: int, key: str, classes: Sequence[str], opts: Options) -> dict[str, Any]:
-    data, ext, size = encode_image((src / rel).read_bytes(), opts)
+    path = src / rel
+    if path.is_symlink() and not stat.S_ISREG(path.stat().st_mode):  # stat() follows the link
+        raise ValueError("symlink to something that is not a regular file")
+    data, ext, size = encode_image(path.read_bytes(), opts)
     meta = {"class": classes[label], "path": rel, "size": list(size)}
     return {"__key__": key, ext: data, "cls": label, "json": meta}
 
@@ -321,7 +273,8 @@ def _per_shard_for_size(src: Path, items: Sequence[tuple[str, int]], classes: Se
 # ------------------------------------------------------------------------------ the command
 def make_shards(src: Path, out: Path, opts: Options, workers: int = 1, log=print) -> dict[str, Any]:
     """Write (or finish writing) the shards of ``src`` into ``out``; returns the index."""
-    classes, items, ignored = scan_image_folder(src)
+    scan = scan_image_folder(src)
+    classes, items, ignored = scan.classes, scan.items, scan.ignored
     random.Random(opts.seed).shuffle(items)
     _parts_dir(out, opts.split).mkdir(parents=True, exist_ok=True)
     per_shard = _load_or_create_plan(src, out, opts, classes, items)
@@ -336,11 +289,17 @@ def make_shards(src: Path, out: Path, opts: Options, workers: int = 1, log=print
         f"{len(tasks)} shards of {per_shard}; {len(done)} already complete, {len(todo)} to write")
     done.update(_run_tasks(todo, workers, log))
     stats = [done[t.index] for t in tasks]
-    _write_report(out / f"{opts.split}-skipped.tsv", stats)
+    _write_report(out / f"{opts.split}-skipped.tsv", scan.skipped, stats)
     skipped = sum(len(s["skipped"]) for s in stats)
-    return write_metadata(out, opts.split, classes,
-                          [{k: s[k] for k in ("name", "samples", "bytes")} for s in stats],
-                          {"skipped": skipped, "ignored": ignored, "options": asdict(opts)})
+    index = write_metadata(out, opts.split, classes,
+                           [{k: s[k] for k in ("name", "samples", "bytes")} for s in stats],
+                           {"skipped": skipped, "skipped_folders": len(scan.skipped), "ignored": ignored,
+                            "options": asdict(opts)})
+    # Again at the end: a writer killed just before this run started may have still held its lock
+    # then (SIGKILL is asynchronous); by now it is gone.
+    for folder in (out, _parts_dir(out, opts.split)):
+        remove_stale_partials(folder)
+    return index
 
 
 def _run_tasks(tasks: Sequence[ShardTask], workers: int, log) -> dict[int, dict[str, Any]]:
@@ -369,10 +328,9 @@ def _run_tasks(tasks: Sequence[ShardTask], workers: int, log) -> dict[int, dict[
     return results
 
 
-def _write_report(path: Path, stats: Sequence[dict[str, Any]]) -> None:
-    lines = ["path\terror"] + [f"{rel}\t{err}" for s in stats for rel, err in s["skipped"]]
-    with _atomic_file(path) as f:
-        f.write(("\n".join(lines) + "\n").encode())
+def _write_report(path: Path, folders: Sequence[tuple[str, str]], stats: Sequence[dict[str, Any]]) -> None:
+    rows = [*folders, *(row for s in stats for row in s["skipped"])]
+    fsio.atomic_write(path, "\n".join(["path\terror", *(f"{rel}\t{err}" for rel, err in rows)]) + "\n")
 
 
 def parse_size(text: str) -> float:
@@ -402,17 +360,21 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
                         help="parallel writer processes (default: all CPUs)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the shuffle before sharding (default 0)")
+    parser.add_argument("--max-pixels", type=int, default=MAX_PIXELS,
+                        help=f"skip images of more pixels than this, read from the header before decoding "
+                             f"(default {MAX_PIXELS:,}; a tiny PNG can declare gigabytes of pixels)")
 
 
 def run(args: argparse.Namespace) -> int:
     if args.per_shard < 0 or args.short_side < 1 or not 1 <= args.quality <= 100 or \
-            not re.fullmatch(r"[\w-]+", args.split):
+            not re.fullmatch(r"[\w-]+", args.split) or args.max_pixels < 1:
         print("sagan-dist make-shards: error: need --per-shard >= 0, --short-side >= 1, "
-              "1 <= --quality <= 100 and a --split of letters, digits, _ or -", file=sys.stderr)
+              "1 <= --quality <= 100, --max-pixels >= 1 and a --split of letters, digits, _ or -",
+              file=sys.stderr)
         return 2
     opts = Options(split=args.split, short_side=args.short_side, keep_original=args.keep_original,
                    quality=args.quality, seed=args.seed, per_shard=args.per_shard,
-                   shard_size=0.0 if args.per_shard else (args.shard_size or 1e9))
+                   shard_size=0.0 if args.per_shard else (args.shard_size or 1e9), max_pixels=args.max_pixels)
     try:
         index = make_shards(args.src, args.out, opts, workers=args.workers,
                             log=lambda msg: print(msg, flush=True))
@@ -424,7 +386,8 @@ def run(args: argparse.Namespace) -> int:
               "are kept: run the same command again to write the rest", file=sys.stderr)
         return 1
     print(f"wrote {index['total']} samples in {len(index['shards'])} shards to {args.out} "
-          f"({index['skipped']} unreadable images skipped, listed in "
+          f"({index['skipped']} unreadable images and {index['skipped_folders']} symlinked folders "
+          f"skipped, listed in "
           f"{args.out / (args.split + '-skipped.tsv')})\n"
           f"data.shards={args.out.resolve() / index['pattern']}  data.num_classes={index['num_classes']}")
     return 0 if index["total"] else 1

@@ -18,7 +18,7 @@ from omegaconf import DictConfig
 from PIL import Image
 
 from sagan_dist.data.loader import shard_urls
-from sagan_dist.data.shards import read_index, shard_name, write_metadata, write_shard
+from sagan_dist.data.shardfiles import read_index, shard_name, write_metadata, write_shard
 
 log = logging.getLogger(__name__)
 
