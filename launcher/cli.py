@@ -50,6 +50,9 @@ def _local_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-restarts", type=int_at_least(0), default=None,
                    help="torchrun restarts of the worker group after a failure, each resuming from a snapshot "
                         "(default 0; elastic: 3, as a lost node fails the others' collectives)")
+    p.add_argument("--grace-period", type=int_at_least(1), default=local.DEFAULT_GRACE_S, metavar="SECONDS",
+                   help="after a stop signal, how long torchrun lets the trainers write their snapshot before "
+                        f"killing them (torchrun --shutdown-timeout; default {local.DEFAULT_GRACE_S})")
     p.add_argument("--print-command", action="store_true",
                    help="print the torchrun command (with its environment variables) instead of running it")
     p.add_argument("items", nargs="*", metavar="CONFIG_OR_OVERRIDE", help=ITEMS_HELP)
@@ -152,11 +155,11 @@ def _run_local(args: argparse.Namespace) -> int:
     low, high, elastic = local.parse_nnodes(args.nnodes)
     rdzv = local.Rendezvous(low, high, args.node_rank, args.master, elastic, args.rdzv_id)
     max_restarts = args.max_restarts if args.max_restarts is not None else (3 if elastic else 0)
-    local.torchrun_command(args.nproc, rdzv, args.items, max_restarts)  # refuses bad options first
+    local.torchrun_command(args.nproc, rdzv, args.items, max_restarts, args.grace_period)  # refuses bad options first
     cfg = load_for_nodes(args.items, range(low, high + 1), args.nproc)
     if elastic and not args.rdzv_id:
         rdzv = dataclasses.replace(rdzv, rdzv_id=local.default_rdzv_id(str(cfg.train.run_dir)))
-    cmd = local.torchrun_command(args.nproc, rdzv, args.items, max_restarts)
+    cmd = local.torchrun_command(args.nproc, rdzv, args.items, max_restarts, args.grace_period)
     env = network.socket_env(local.split_master(args.master)[0], args.iface) if rdzv.multi_node else {}
     return _start(cmd, args.print_command, env)
 

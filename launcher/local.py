@@ -84,6 +84,9 @@ def check_rendezvous(rdzv: Rendezvous) -> None:
         raise LauncherError(f"--node-rank {rdzv.node_rank} must be in [0, {rdzv.max_nodes})")
 
 
+DEFAULT_GRACE_S = 90  # seconds trainers get to write a snapshot after a stop signal
+
+
 def default_rdzv_id(run_dir: str) -> str:
     """Stable per run: every node derives the same id from the same train.run_dir, and a
     resubmission of the run meets under the same id."""
@@ -91,15 +94,20 @@ def default_rdzv_id(run_dir: str) -> str:
 
 
 def torchrun_command(nproc: int, rdzv: Rendezvous, train_items: Sequence[str],
-                     max_restarts: int = 0) -> list[str]:
-    """``python -m torch.distributed.run ... --module sagan_dist.cli train CONFIG... key=value...``"""
+                     max_restarts: int = 0, grace_s: int = DEFAULT_GRACE_S) -> list[str]:
+    """``python -m torch.distributed.run ... --module sagan_dist.cli train CONFIG... key=value...``
+
+    ``grace_s`` is torchrun's --shutdown-timeout: after a stop signal it SIGKILLs the trainers
+    that have not exited by then (its own default, 30 s, can be shorter than a snapshot write).
+    """
     if nproc < 1:
         raise LauncherError("--nproc must be >= 1")
     if max_restarts < 0:
         raise LauncherError("--max-restarts must be >= 0")
     check_rendezvous(rdzv)
     return [sys.executable, "-m", "torch.distributed.run", *rdzv.torchrun_flags(),
-            f"--nproc-per-node={nproc}", f"--max-restarts={max_restarts}", *TRAIN, *train_items]
+            f"--nproc-per-node={nproc}", f"--max-restarts={max_restarts}", f"--shutdown-timeout={grace_s}",
+            *TRAIN, *train_items]
 
 
 def free_port() -> int:

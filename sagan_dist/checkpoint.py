@@ -24,6 +24,7 @@ from omegaconf import DictConfig
 
 from sagan_dist import dist, fsio
 from sagan_dist.config import ConfigError, to_container
+from sagan_dist.errors import Reported
 
 log = logging.getLogger(__name__)
 STEP_DIR = re.compile(r"^step-(\d{8})$")
@@ -32,7 +33,7 @@ STATE_FILE = "state.pt"
 RUNTIME_MODEL_KEYS = ("checkpoint_from", "checkpoint_blocks", "sync_bn", "channels_last")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(RuntimeError, Reported):
     """No usable checkpoint where one was asked for."""
 
 

@@ -12,6 +12,7 @@ import sys
 from typing import Sequence
 
 from sagan_dist.config import ConfigError
+from sagan_dist.errors import Reported
 
 COMMANDS = {
     "train": ("sagan_dist.train",
@@ -55,6 +56,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as e:
         print(f"sagan-dist {args.command}: config error: {e}", file=sys.stderr)
         return 2
+    except Reported as e:
+        print(f"sagan-dist {args.command}: error: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

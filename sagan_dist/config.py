@@ -208,12 +208,20 @@ def load(
             bad = [o for o in overrides if "=" not in o]
             if bad:
                 raise ConfigError(f"override {bad[0]!r} is not of the form key=value")
-            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
+            for override in overrides:
+                cfg = OmegaConf.merge(cfg, _parse_override(override))
     except OmegaConfBaseException as e:
         raise ConfigError(_omegaconf_message(e)) from None
     validate(cfg, world_size)
     OmegaConf.set_readonly(cfg, True)
     return cfg
+
+
+def _parse_override(override: str) -> DictConfig:
+    try:
+        return OmegaConf.from_dotlist([override])
+    except yaml.YAMLError as e:  # a value that is not YAML, e.g. x=`a`
+        raise ConfigError(f"override {override!r}: its value is not valid YAML ({str(e).splitlines()[0]})") from None
 
 
 def _load_yaml(path: Path) -> DictConfig:

@@ -22,6 +22,8 @@ from typing import Any, Iterator
 import torch
 import torch.distributed as dist
 
+from sagan_dist.errors import Reported
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -39,11 +41,11 @@ def env_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-class CollectiveTimeout(RuntimeError):
+class CollectiveTimeout(RuntimeError, Reported):
     """A collective did not complete within train.collective_timeout_s."""
 
 
-class LoopbackAddressError(RuntimeError):
+class LoopbackAddressError(RuntimeError, Reported):
     """A multi-node run would advertise a loopback address to its peers."""
 
 
@@ -75,6 +77,29 @@ def process_group(backend: str | None = None, timeout_s: float = 600.0) -> Itera
         if started and dist.is_initialized():
             _control_group = None
             dist.destroy_process_group()
+
+
+# What gloo and NCCL say when a peer is gone or a collective ran out of time.
+PEER_FAILURE_SIGNS = ("Timed out waiting", "Connection closed by peer", "Connection reset by peer",
+                      "Connection refused", "NCCL communicator was aborted", "Watchdog caught collective",
+                      "Broken pipe", "No route to host")
+
+
+@contextlib.contextmanager
+def collective_failures(timeout_s: float) -> Iterator[None]:
+    """Turn a collective that failed because a peer vanished or timed out into CollectiveTimeout."""
+    try:
+        yield
+    except RuntimeError as e:  # gloo raises plain RuntimeErrors, NCCL DistBackendError (a RuntimeError)
+        text = str(e)
+        if isinstance(e, CollectiveTimeout) or not (
+                isinstance(e, dist.DistError) or any(sign in text for sign in PEER_FAILURE_SIGNS)):
+            raise
+        raise CollectiveTimeout(
+            f"a collective failed: a peer process or node is gone, or the network is partitioned "
+            f"(deadline train.collective_timeout_s = {timeout_s:g} s). Every rank exits so that the job's "
+            f"restart policy can act; the run resumes from its last snapshot. Cause: "
+            f"{text.strip().splitlines()[0][:300] if text.strip() else type(e).__name__}") from e
 
 
 def is_multi_node() -> bool:

@@ -26,15 +26,17 @@ from typing import IO, Any, Callable, Union
 
 import torch
 
+from sagan_dist.errors import Reported
+
 Payload = Union[bytes, str, Callable[[IO[bytes]], None]]
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
-class DiskFullError(OSError):
+class DiskFullError(OSError, Reported):
     """No space (or quota) left while writing a file; the message names the file."""
 
 
-class UnsafeFileError(RuntimeError):
+class UnsafeFileError(RuntimeError, Reported):
     """A file that would run code if loaded, or that is not what it should be; it was not loaded."""
 
 

@@ -13,10 +13,12 @@ from typing import ContextManager
 import torch
 from torch import nn
 
+from sagan_dist.config import ConfigError
+
 GIB = 2**30
 
 
-class BatchTooLargeError(ValueError):
+class BatchTooLargeError(ConfigError):
     """The configured batch cannot fit in this device's memory."""
 
 

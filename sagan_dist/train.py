@@ -29,6 +29,7 @@ from sagan_dist.activation_checkpointing import apply_activation_checkpointing
 from sagan_dist.data import build_loader, prepare_data
 from sagan_dist.data.stream import StopRequested
 from sagan_dist.dist import DistInfo
+from sagan_dist.errors import Reported
 from sagan_dist.ema import EMA, ema_beta
 from sagan_dist.engines import build_engines
 from sagan_dist.losses import get_losses
@@ -45,7 +46,7 @@ Batch = tuple[torch.Tensor, torch.Tensor]
 STOP_ABORTS_DATA_WAIT_AFTER_S = 20.0
 
 
-class NonFiniteError(RuntimeError):
+class NonFiniteError(RuntimeError, Reported):
     """Too many consecutive steps had non-finite losses or gradients."""
 
 
@@ -386,8 +387,9 @@ def main(items: Sequence[str]) -> int:
         setup_logging(info, Path(cfg.train.run_dir))
         if info.is_main:
             log.info("config:\n%s", OmegaConf.to_yaml(redacted_config(config.to_container(cfg))))
-        trainer = Trainer(cfg, info, stop=stop)
-        trainer.fit()
+        with dist.collective_failures(cfg.train.collective_timeout_s):
+            trainer = Trainer(cfg, info, stop=stop)
+            trainer.fit()
         stopped = trainer.stopped
         # Free the engines (DeepSpeed's hold reference cycles) while the process group lives:
         # a gloo teardown abort at exit was seen otherwise.
