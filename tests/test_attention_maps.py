@@ -176,3 +176,23 @@ def test_bad_options_are_refused_by_name(pooled_run, tmp_path, args, message):
 def test_missing_checkpoint_is_named(tmp_path):
     with pytest.raises(Exception, match="nope"):
         cli.main(["attention", str(tmp_path / "nope"), "--out", str(tmp_path / "o")])
+
+
+def test_attention_command_has_help(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["attention", "--help"])
+    out = capsys.readouterr().out
+    assert e.value.code == 0 and "usage: sagan-dist attention" in out and "--points" in out
+
+
+@pytest.mark.slow
+def test_attention_of_d_from_a_deepspeed_snapshot(tmp_path):
+    """DeepSpeed keeps D's module weights in its model-states file; they are read weights-only."""
+    run_dir = tmp_path / "ds"
+    res = subprocess.run([sys.executable, "-m", "sagan_dist.cli", "train", "demo", "engine=deepspeed", *TINY,
+                          "train.steps=1", f"train.run_dir={run_dir}"], capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert cli.main(["attention", str(run_dir), "--out", str(tmp_path / "o"), "--net", "D", "--data",
+                     "--n", "2", "--points", "2"]) == 0
+    maps = torch.load(tmp_path / "o" / "maps.pt", weights_only=True)["maps"]["blocks.1"]
+    torch.testing.assert_close(maps.sum(dim=(2, 3)), torch.ones(2, 2))
