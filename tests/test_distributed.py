@@ -101,10 +101,47 @@ def test_two_processes_agree_and_resume_exactly(run, name):
     check_run(run(name), PHASES[name])
 
 
+def network_outputs(state: dict | None) -> dict[str, torch.Tensor]:
+    """G, EMA and D of a dump (None: the initial weights) on fixed inputs, in training mode
+    (BatchNorm on the batch's statistics)."""
+    from sagan_dist.config import load
+    from sagan_dist.models.sagan import build_models
+    sys.path.insert(0, str(HELPER.parent))
+    from dist_dump import TINY
+
+    cfg = load(["demo"], TINY)
+    torch.manual_seed(cfg.train.seed)  # as the Trainer does, so None gives the initial weights
+    g, d = build_models(cfg)
+    ema, _ = build_models(cfg)
+    if state is not None:
+        for net, model in (("G", g), ("D", d), ("ema", ema)):
+            model.load_state_dict(state[net])
+    gen = torch.Generator().manual_seed(123)
+    z, y = torch.randn(16, cfg.model.z_dim, generator=gen), torch.arange(16) % cfg.data.num_classes
+    with torch.no_grad():
+        fakes = g(z, y)
+        return {"G(z)": fakes, "ema(z)": ema(z, y), "D(G(z))": d(fakes, y)}
+
+
 @pytest.mark.timeout(400)
-def test_zero2_trains_exactly_as_ddp_and_shards_the_optimizer(run):
-    """fp32 over two ranks: the same weights from ZeRO 2 as from DDP, with Adam split over ranks."""
-    assert_same(dumps(run("ddp"), "full")[0], dumps(run("zero2"), "full")[0], "DDP vs ZeRO 2")
+def test_zero2_trains_as_ddp_and_shards_the_optimizer(run):
+    """fp32 over two ranks: ZeRO 2 trains the networks DDP trains, with Adam split over ranks.
+
+    Compared on what the networks compute, with a tolerance, not bitwise per parameter: ZeRO
+    reduces and updates flat partitions, DDP buckets and per-parameter tensors, whose kernels round
+    differently on different CPUs; and Adam turns gradients that are rounding noise (zero in exact
+    arithmetic: a conv bias before BatchNorm, a key bias before softmax) into +-lr steps either way.
+    Those parameters leave the outputs unchanged; the rest agree to rounding. Measured over the 4
+    steps on an AVX2 EPYC: outputs differ by at most 8.3e-4 of what training changed them by (G;
+    D 2.5e-5; bitwise equal on AVX-512); 1% leaves 12x room for other CPUs and still fails a run
+    that skipped or repeated one of the 4 steps (about 25% of the change) or trained on other data.
+    """
+    ddp, zero2 = dumps(run("ddp"), "full")[0], dumps(run("zero2"), "full")[0]
+    initial, trained, ours = network_outputs(None), network_outputs(ddp), network_outputs(zero2)
+    for k in trained:
+        change = (trained[k] - initial[k]).abs().max().item()
+        diff = (ours[k] - trained[k]).abs().max().item()
+        assert diff <= 0.01 * change, f"{k}: ZeRO 2 differs from DDP by {diff:.3g} (training changed {change:.3g})"
     snapshot = run("zero2") / "full" / "checkpoints" / "step-00000004"
     for net in ("G", "D"):
         shards = sorted(p.name for p in (snapshot / net / "deepspeed").glob("*optim_states.pt"))
