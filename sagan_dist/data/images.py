@@ -34,7 +34,10 @@ def open_capped(data: bytes, max_pixels: int, cap_name: str) -> Image.Image:
 
     ``cap_name`` is where the cap is set (``data.max_pixels``, ``--max-pixels``), for the message.
     """
-    img = Image.open(io.BytesIO(data))
+    try:
+        img = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as e:  # PIL's own limit, met before ours could be checked
+        raise ImageRejected(f"{e}; over {cap_name} = {max_pixels}") from None
     w, h = img.size
     if w * h > max_pixels:
         img.close()
