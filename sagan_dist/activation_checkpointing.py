@@ -3,11 +3,21 @@
 Wrapping replaces a block's ``forward`` on the instance instead of nesting it in a wrapper module,
 so state-dict keys (and checkpoints) are the same with checkpointing on or off.
 
-The recomputation must not change state a second time: while it runs, BatchNorm layers update
-their running statistics with momentum 0 (unchanged, bit for bit; turning tracking off instead
-would save fewer tensors and fail checkpoint's recomputation check) and get their batch counter
-back, and spectral norm reuses its u/v instead of advancing the power iteration.
+What is checkpointed: attention blocks, and with ``include_residual_blocks`` the residual blocks.
+G's residual block is checkpointed in three pieces (cBN-ReLU-up-conv1 | cBN-ReLU-conv2 |
+up-shortcut, see ``GBlock``): its input and conv1's output are kept, and backward recomputes one
+piece at a time. Recomputing the whole block at once brought all of its activations back together
+and set the step's memory peak at 256 px (x0.50 of no checkpointing, against x0.46 in pieces;
+BENCHMARKS.md). D's blocks are checkpointed whole.
+
+The recomputation must not change state a second time. In eager mode, while it runs, BatchNorm
+layers update their running statistics with momentum 0 (unchanged, bit for bit; turning tracking
+off instead would save fewer tensors and fail checkpoint's recomputation check) and get their
+batch counter back, and spectral norm reuses its u/v instead of advancing the power iteration.
 Non-reentrant checkpointing also restores the RNG state, so dropout would replay identically.
+Under ``torch.compile`` the same checkpoint becomes a region that AOTAutograd recomputes in the
+backward graph; buffer mutations are applied once, by the forward graph, so the rule holds
+without the context (which dynamo cannot trace, and does not need).
 """
 from __future__ import annotations
 
@@ -24,9 +34,10 @@ from sagan_dist.models.layers import DBlock, GBlock, SpectralNorm
 
 
 @contextlib.contextmanager
-def _recomputing(block: nn.Module) -> Iterator[None]:
-    norms = [m for m in block.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    sns = [m for m in block.modules() if isinstance(m, SpectralNorm)]
+def _recomputing(*modules: nn.Module) -> Iterator[None]:
+    norms = [m for root in modules for m in root.modules()
+             if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    sns = [m for root in modules for m in root.modules() if isinstance(m, SpectralNorm)]
     saved = [(m.momentum, m.num_batches_tracked.clone() if m.num_batches_tracked is not None else None)
              for m in norms]
     for m in norms:
@@ -44,11 +55,27 @@ def _recomputing(block: nn.Module) -> Iterator[None]:
             m.recomputing = False
 
 
+def _checkpoint(owners: tuple[nn.Module, ...], fn: Callable, *args: torch.Tensor) -> torch.Tensor:
+    """``fn(*args)`` checkpointed; ``owners`` hold every stateful layer that ``fn`` runs."""
+    if torch.compiler.is_compiling():  # see the module docstring
+        return checkpoint(fn, *args, use_reentrant=False)
+    contexts = lambda: (contextlib.nullcontext(), _recomputing(*owners))  # noqa: E731
+    return checkpoint(fn, *args, use_reentrant=False, context_fn=contexts)
+
+
 def _checkpointed_forward(block: nn.Module, forward: Callable, *args: torch.Tensor) -> torch.Tensor:
     if not (block.training and torch.is_grad_enabled()):
         return forward(*args)
-    contexts = lambda: (contextlib.nullcontext(), _recomputing(block))  # noqa: E731
-    return checkpoint(forward, *args, use_reentrant=False, context_fn=contexts)
+    return _checkpoint((block,), forward, *args)
+
+
+def _checkpointed_gblock(block: GBlock, forward: Callable, x: torch.Tensor,
+                         y: torch.Tensor) -> torch.Tensor:
+    if not (block.training and torch.is_grad_enabled()):
+        return forward(x, y)
+    h = _checkpoint((block.bn1, block.conv1), block.first, x, y)
+    h = _checkpoint((block.bn2, block.conv2), block.second, h, y)
+    return h + _checkpoint((block.shortcut,), block.skip, x)
 
 
 def apply_activation_checkpointing(model: nn.Module, from_resolution: int,
@@ -63,6 +90,7 @@ def apply_activation_checkpointing(model: nn.Module, from_resolution: int,
     wrapped = []
     for name, block in model.named_modules():
         if isinstance(block, kinds) and block.resolution >= from_resolution:
-            block.forward = functools.partial(_checkpointed_forward, block, block.forward)
+            wrapper = _checkpointed_gblock if isinstance(block, GBlock) else _checkpointed_forward
+            block.forward = functools.partial(wrapper, block, block.forward)
             wrapped.append(name)
     return wrapped

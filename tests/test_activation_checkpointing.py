@@ -8,6 +8,7 @@ import copy
 import torch
 
 from sagan_dist.activation_checkpointing import apply_activation_checkpointing
+from sagan_dist.models.layers import GBlock
 from sagan_dist.models.sagan import Discriminator, Generator
 
 
@@ -66,3 +67,58 @@ def test_checkpointing_recomputes_in_backward():
     att.query.register_forward_hook(lambda *a: calls.append(1))
     _run(g2, d2, torch.randn(2, 16), torch.tensor([0, 1]))
     assert len(calls) == 2
+
+
+def _gblock_pair():
+    torch.manual_seed(0)
+    plain = GBlock(16, 8, num_classes=10, resolution=16, init="normal").train()
+    pieces = copy.deepcopy(plain)
+    apply_activation_checkpointing(pieces, 16, include_residual_blocks=True)
+    return plain, pieces
+
+
+def test_generator_block_in_pieces_matches_plain_block():
+    # Same process, same kernels, same op order: only the recomputation differs, so results and
+    # gradients agree to float32 rounding (1e-6 relative), and buffers bit for bit.
+    plain, pieces = _gblock_pair()
+    x, y = torch.randn(4, 16, 8, 8), torch.tensor([0, 3, 5, 9])
+    grads = []
+    for block in (plain, pieces):
+        xi = x.clone().requires_grad_()
+        out = block(xi, y)
+        out.square().mean().backward()
+        grads.append((out.detach(), xi.grad, {n: p.grad for n, p in block.named_parameters()}))
+    (out, gx, gp), (out2, gx2, gp2) = grads
+    assert torch.allclose(out, out2, rtol=1e-6, atol=1e-7)
+    assert torch.allclose(gx, gx2, rtol=1e-6, atol=1e-8)
+    for n in gp:
+        assert torch.allclose(gp[n], gp2[n], rtol=1e-5, atol=1e-7), n
+    for (n, b), (_, b2) in zip(plain.named_buffers(), pieces.named_buffers()):
+        assert torch.equal(b, b2), n
+
+
+def test_generator_block_pieces_are_each_recomputed_once_and_bn_advances_once():
+    _, pieces = _gblock_pair()
+    calls = {name: 0 for name in ("conv1", "conv2", "shortcut")}
+    for name in calls:
+        # Pre-hooks: checkpoint stops a recomputation as soon as the last saved tensor is back,
+        # before the last module of a piece returns, so its forward hook would not fire.
+        getattr(pieces, name).register_forward_pre_hook(lambda *a, n=name: calls.__setitem__(n, calls[n] + 1))
+    before = pieces.bn1.bn.running_mean.clone()
+    pieces(torch.randn(2, 16, 8, 8), torch.tensor([1, 2])).sum().backward()
+    assert calls == {"conv1": 2, "conv2": 2, "shortcut": 2}  # forward + one recomputation each
+    for bn in (pieces.bn1.bn, pieces.bn2.bn):
+        assert int(bn.num_batches_tracked) == 1
+    # momentum 0.1, one update: running = 0.9 * 0 + 0.1 * batch mean, not a second step on top.
+    assert not torch.equal(before, pieces.bn1.bn.running_mean)
+
+
+def test_eval_and_no_grad_calls_are_not_checkpointed():
+    _, pieces = _gblock_pair()
+    calls = []
+    pieces.conv1.register_forward_hook(lambda *a: calls.append(1))
+    with torch.no_grad():
+        pieces(torch.randn(2, 16, 8, 8), torch.tensor([1, 2]))
+    pieces.eval()
+    pieces(torch.randn(2, 16, 8, 8), torch.tensor([1, 2])).sum().backward()
+    assert len(calls) == 2  # one call each, no recomputation

@@ -111,10 +111,22 @@ class GBlock(nn.Module):
         self.conv2 = sn_conv(cout, cout, 3, init)
         self.shortcut = sn_conv(cin, cout, 1, init)
 
+    # Three pieces, so that activation checkpointing can recompute one at a time (the whole
+    # block's activations at once set the step's memory peak at 256 px, see BENCHMARKS.md).
+    def first(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """cBN-ReLU-upsample-conv1."""
+        return self.conv1(F.interpolate(F.relu(self.bn1(x, y)), scale_factor=2, mode="nearest"))
+
+    def second(self, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """cBN-ReLU-conv2."""
+        return self.conv2(F.relu(self.bn2(h, y)))
+
+    def skip(self, x: torch.Tensor) -> torch.Tensor:
+        """Upsample-conv1x1 shortcut."""
+        return self.shortcut(F.interpolate(x, scale_factor=2, mode="nearest"))
+
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        h = F.interpolate(F.relu(self.bn1(x, y)), scale_factor=2, mode="nearest")
-        h = self.conv2(F.relu(self.bn2(self.conv1(h), y)))
-        return h + self.shortcut(F.interpolate(x, scale_factor=2, mode="nearest"))
+        return self.second(self.first(x, y), y) + self.skip(x)
 
 
 class DBlock(nn.Module):
