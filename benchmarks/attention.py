@@ -3,7 +3,7 @@
 Forward + backward, batch 1, 64 channels, maps 32x32, 64x64 and 128x128 (plus pool=True at
 128x128), all in one run:
 
-* time: median of several round-robin repeats after warm-up (see ``interleaved_median_times``);
+* time: median of several round-robin repeats after warm-up (see ``common.interleaved_times``);
 * peak memory: growth of the peak resident set over one forward + backward, each measured in its
   own fresh child process (``--measure-memory``), so no measurement inherits another's peak;
 * achieved GFLOP/s (FLOPs from FlopCounterMode / time) as a fraction of an fp32 GEMM peak
@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from benchmarks.common import (count_flops, describe_machine, format_table, gemm_peak_flops,
-                               interleaved_median_times, mib, op_names, peak_rss_growth,
+                               interleaved_times, mib, op_names, peak_rss_growth,
                                run_json_child, start_peak_rss)
 from sagan_dist.models.attention import SelfAttention
 
@@ -187,12 +187,12 @@ def measure_group(size: int, pool: bool, impls: tuple[str, ...]) -> dict[Variant
     """Time, FLOPs, kernels and memory of each implementation at one map size."""
     variants = [Variant(impl, pool, size) for impl in impls]
     steps = {v: step_fn(build(v.impl, v.pool), size) for v in variants}
-    times = interleaved_median_times({v.name: steps[v] for v in variants},
-                                     repeats=REPEATS[size], warmup=1)
+    times = interleaved_times({v.name: steps[v] for v in variants},
+                              repeats=REPEATS[size], warmup=1)
     results = {}
     for v in variants:
         mem = memory_in_child(v)
-        results[v] = {"time": times[v.name].median, "best": times[v.name].best,
+        results[v] = {"time": times[v.name].median(), "best": times[v.name].best(),
                       "flops": count_flops(steps[v]), "ops": attention_ops(steps[v]),
                       "mem": mem["peak_growth"], "resettable": mem["resettable"]}
     return results

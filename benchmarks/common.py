@@ -47,48 +47,55 @@ def describe_machine() -> str:
 
 
 # ---------------------------------------------------------------------------------------- timing
-def median_time(fn: Callable[[], Any], repeats: int = 5, warmup: int = 1) -> float:
-    """Median wall time of ``fn()`` in seconds, after ``warmup`` untimed calls.
-
-    The median, not the mean or the minimum: other processes share the cores, and the median is
-    robust to the occasional call that lost its core for a while.
-    """
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 @dataclass(frozen=True)
-class Timing:
-    """Seconds per call: the median (what we compare) and the best (how fast it can go here)."""
+class Times:
+    """Seconds of every timed call of one function, in call order: wall clock and process CPU.
 
-    median: float
-    best: float
-
-
-def interleaved_median_times(fns: dict[str, Callable[[], Any]], repeats: int = 5,
-                             warmup: int = 1) -> dict[str, Timing]:
-    """Median and best wall time of each function, timed round-robin (a, b, a, b, ...).
-
-    Interleaving makes a ratio between two functions fair on a shared machine: a burst of load
-    from another process hits both of them rather than only whichever was timed during it.
-    A median far above the best says the run was contended.
+    CPU time (``time.process_time``, all threads of this process) leaves out the time slices lost
+    to other processes, so on a shared CPU it is the steadier measure of the work a call does;
+    wall time is what a user waits, and the only meaningful clock for CUDA work.
     """
+
+    wall: list[float]
+    cpu: list[float]
+
+    def median(self, clock: str = "wall") -> float:
+        """The median, not the mean or the minimum: robust to a call that lost its core a while."""
+        return statistics.median(getattr(self, clock))
+
+    def best(self, clock: str = "wall") -> float:
+        """The fastest call: how fast it can go here (a median far above it = contended run)."""
+        return min(getattr(self, clock))
+
+    def spread(self, clock: str = "wall") -> float:
+        """(max - min) / median: how much the repeats disagree."""
+        samples = getattr(self, clock)
+        return (max(samples) - min(samples)) / statistics.median(samples)
+
+
+def interleaved_times(fns: dict[str, Callable[[], Any]], repeats: int = 5, warmup: int = 1,
+                      sync: Callable[[], None] | None = None) -> dict[str, Times]:
+    """Wall and CPU time of every call of each function, timed round-robin (a, b, a, b, ...).
+
+    The one timing helper of all benchmarks. Interleaving makes a ratio between two functions
+    fair on a shared machine: a burst of load from another process hits both of them rather than
+    only whichever was timed during it. ``sync`` runs after each call before the clocks stop
+    (``torch.cuda.synchronize``: CUDA kernels run asynchronously).
+    """
+    sync = sync or (lambda: None)
     for _ in range(warmup):
         for fn in fns.values():
             fn()
-    times: dict[str, list[float]] = {name: [] for name in fns}
+            sync()
+    times = {name: Times([], []) for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
-            start = time.perf_counter()
+            wall, cpu = time.perf_counter(), time.process_time()
             fn()
-            times[name].append(time.perf_counter() - start)
-    return {name: Timing(statistics.median(ts), min(ts)) for name, ts in times.items()}
+            sync()
+            times[name].cpu.append(time.process_time() - cpu)
+            times[name].wall.append(time.perf_counter() - wall)
+    return times
 
 
 def gemm_peak_flops(n: int = 2048, repeats: int = 7, dtype: torch.dtype = torch.float32,
@@ -99,7 +106,7 @@ def gemm_peak_flops(n: int = 2048, repeats: int = 7, dtype: torch.dtype = torch.
     Best of several, not median, because this is a ceiling: contention only ever lowers it.
     On CUDA each matmul is synchronised before the clock stops (kernels run asynchronously).
     ``clock=time.process_time`` gives FLOP per CPU-second, the ceiling for rates measured in CPU
-    time (see :func:`interleaved_wall_cpu_times`).
+    time (see :class:`Times`).
     """
     device = torch.device(device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -114,36 +121,6 @@ def gemm_peak_flops(n: int = 2048, repeats: int = 7, dtype: torch.dtype = torch.
         sync()
         best = min(best, clock() - start)
     return 2 * n ** 3 / best
-
-
-@dataclass(frozen=True)
-class WallCpuTimes:
-    """Seconds of each timed call of one function, in call order: wall clock and process CPU."""
-
-    wall: list[float]
-    cpu: list[float]
-
-
-def interleaved_wall_cpu_times(fns: dict[str, Callable[[], Any]], repeats: int = 5,
-                               warmup: int = 1) -> dict[str, WallCpuTimes]:
-    """Wall and CPU time of every call of each function, timed round-robin (a, b, a, b, ...).
-
-    CPU time (``time.process_time``, all threads of this process) leaves out the time slices
-    lost to other processes, so on a shared CPU it is the steadier measure of the work a call
-    does; wall time still shows what a user waits. With one intra-op thread the two agree on an
-    idle machine. Not for CUDA, where the work is on the device (use wall time there).
-    """
-    for _ in range(warmup):
-        for fn in fns.values():
-            fn()
-    times = {name: WallCpuTimes([], []) for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            wall, cpu = time.perf_counter(), time.process_time()
-            fn()
-            times[name].cpu.append(time.process_time() - cpu)
-            times[name].wall.append(time.perf_counter() - wall)
-    return times
 
 
 # ----------------------------------------------------------------------------------------- FLOPs

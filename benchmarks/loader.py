@@ -23,9 +23,7 @@ Run from the repository root:  ``.venv/bin/python -m benchmarks.loader``
 from __future__ import annotations
 
 import argparse
-import statistics
 import tempfile
-import time
 from itertools import islice
 from pathlib import Path
 from typing import Any, Callable
@@ -34,7 +32,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from benchmarks.common import describe_machine, format_table
+from benchmarks.common import describe_machine, format_table, interleaved_times
 from sagan_dist import config
 from sagan_dist.data import build_loader
 from sagan_dist.data.shards import Options, make_shards
@@ -107,23 +105,6 @@ def torchvision_baseline(root: Path, resolution: int) -> Callable[[int], Any]:
     return run
 
 
-def interleaved_cpu_times(fns: dict[str, Callable[[], Any]], repeats: int) -> dict[str, float]:
-    """Median CPU seconds of each function, timed round-robin after one warm-up call each.
-
-    CPU time of this process, not wall time: on a shared machine a pipeline that loses its core
-    for a while is not charged for it, which is what "images/s per core" means.
-    """
-    for fn in fns.values():
-        fn()
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start = time.process_time()
-            fn()
-            times[name].append(time.process_time() - start)
-    return {name: statistics.median(ts) for name, ts in times.items()}
-
-
 def measure(root: Path, shards: str, shards_292: str, n: int, repeats: int) -> tuple[list[list[str]], float]:
     """Table rows for 128 and 256 px, and the 128 px ratio ours (draft) / torchvision."""
     rows, ratio_128 = [], 0.0
@@ -133,8 +114,10 @@ def measure(root: Path, shards: str, shards_292: str, n: int, repeats: int) -> t
                "torchvision": torchvision_baseline(root, resolution),
                "(info) ours, draft, center crop": ours(shards, resolution, "draft", "center"),
                "(info) ours, draft, 292 px shards": ours(shards_292, resolution, "draft")}
-        times = interleaved_cpu_times({k: (lambda f=f: f(n)) for k, f in fns.items()}, repeats)
-        rate = {k: n / t for k, t in times.items()}
+        # CPU time of this process, not wall time: on a shared machine a pipeline that loses its
+        # core for a while is not charged for it, which is what "images/s per core" means.
+        times = interleaved_times({k: (lambda f=f: f(n)) for k, f in fns.items()}, repeats)
+        rate = {k: n / t.median("cpu") for k, t in times.items()}
         for name in fns:
             rows.append([f"{resolution} px", name, f"{rate[name]:.0f}", f"{1e3 / rate[name]:.2f}",
                          f"{rate[name] / rate['torchvision']:.2f}x"])
