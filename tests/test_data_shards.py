@@ -185,3 +185,59 @@ def test_writer_killed_with_sigkill_resumes_without_duplicates(tmp_path: Path) -
     assert set(paths) == set(files["good"]) | {f"{CLASSES[1]}/zz_hung.JPEG"}
     assert json.loads((out / "train-index.json").read_text())["total"] == len(paths)
     assert not list(out.rglob("*.partial"))
+
+
+def test_symlinked_folders_are_skipped_and_reported_symlinked_files_read(tmp_path: Path, caplog) -> None:
+    files = make_tree(tmp_path / "src")
+    src = tmp_path / "src"
+    (src / CLASSES[0] / "loop").symlink_to("..")  # a loop: followed, it would never end
+    (src / "zz_alias").symlink_to(CLASSES[1])  # a symlinked class folder: a second label for its images
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "real.JPEG").write_bytes(_jpeg(np.random.default_rng(9), 50, 50))
+    os.mkfifo(outside / "fifo")
+    (src / CLASSES[2] / "linked.JPEG").symlink_to(outside / "real.JPEG")  # read: a regular file
+    (src / CLASSES[2] / "fifo.JPEG").symlink_to(outside / "fifo")  # skipped: would block for ever
+    out = tmp_path / "out"
+    with caplog.at_level("WARNING", logger="sagan_dist.data.shards"):
+        assert make_shards([str(src), str(out), "--per-shard", "100", "--workers", "1"]) == 0
+    index = json.loads((out / "train-index.json").read_text())
+    assert index["num_classes"] == len(CLASSES) and index["skipped_folders"] == 2
+    paths = sorted(json.loads(s["json"])["path"] for s in read_shards(out))
+    assert paths == sorted(files["good"] + [f"{CLASSES[2]}/linked.JPEG"])
+    report = dict(line.split("\t") for line in (out / "train-skipped.tsv").read_text().splitlines()[1:])
+    assert "symlinked folder" in report[f"{CLASSES[0]}/loop/"] and "symlinked folder" in report["zz_alias/"]
+    assert "not a regular file" in report[f"{CLASSES[2]}/fifo.JPEG"]
+    warned = " ".join(r.getMessage() for r in caplog.records)
+    assert "loop" in warned and "zz_alias" in warned
+
+
+def test_planted_symlinks_in_out_are_replaced_never_written_through(tmp_path: Path) -> None:
+    make_tree(tmp_path / "src")
+    out = tmp_path / "out"
+    out.mkdir()
+    victim = tmp_path / "victim"
+    victim.write_text("precious")
+    for name in ("classes.json", "train-index.json", f".train-000000.tar.{os.getpid()}.partial"):
+        (out / name).symlink_to(victim)
+    assert make_shards([str(tmp_path / "src"), str(out), "--per-shard", "100", "--workers", "1"]) == 0
+    assert victim.read_text() == "precious"
+    assert not (out / "classes.json").is_symlink() and json.loads((out / "classes.json").read_text())
+
+
+def test_stale_partials_are_told_from_live_ones_by_their_lock_not_their_pid(tmp_path: Path) -> None:
+    from sagan_dist.data.shardfiles import remove_stale_partials
+    dead = tmp_path / f".train-000000.tar.{os.getpid()}.partial"  # a live pid (ours), yet nobody writes it
+    dead.write_bytes(b"half a tar")
+    live = tmp_path / ".train-000001.tar.1.partial"
+    writer = subprocess.Popen([sys.executable, "-c", (
+        "import fcntl, sys, time; f = open(sys.argv[1], 'wb'); fcntl.flock(f, fcntl.LOCK_EX); "
+        "print('locked', flush=True); time.sleep(600)"), str(live)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert writer.stdout.readline().strip() == "locked"
+        assert remove_stale_partials(tmp_path) == 1
+        assert not dead.exists() and live.exists()  # an orphaned writer still writing is left alone
+    finally:
+        writer.kill()
+        writer.wait()
+    assert remove_stale_partials(tmp_path) == 1 and not live.exists()
