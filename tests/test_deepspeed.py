@@ -195,6 +195,24 @@ def test_bf16_weights_through_extra_train_with_bf16_parameters(tmp_path):
     assert all(torch.isfinite(v.float()).all() for v in tr.ema.model.state_dict().values())
 
 
+@pytest.mark.parametrize("stage", [0, 2])
+def test_a_step_returns_device_tensors_and_syncs_only_batchnorm_statistics(tmp_path, stage):
+    """StepResult stays on the device (the loop reads it at logging steps); the replica sync after
+    a step covers G's BatchNorm statistics in one collective, and D (no BatchNorm) needs none."""
+    tr = _trainer(tmp_path, *DS, f"deepspeed.zero_stage={stage}")
+    bn = [m for m in tr.G.raw.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    assert [id(t) for t in tr.G._stats] == [id(t) for m in bn for t in (m.running_mean, m.running_var)]
+    assert tr.D._stats == []
+    tr._start_segment()
+    x, y = tr.next_batches()[0]
+    tr.D.zero_grad()
+    with tr.D.accumulating(last=True):
+        tr.D.backward(tr.D.module(x, y).float().mean())
+    result = tr.D.step()
+    assert result.applied.shape == () and result.applied.dtype == torch.bool and bool(result.applied)
+    assert result.grad_norm.shape == () and result.grad_norm.dtype == torch.float32 and result.grad_norm > 0
+
+
 @pytest.mark.parametrize("stage", [0, 1])
 def test_non_finite_gradients_skip_the_update(tmp_path, stage):
     """ZeRO 0 in fp32 is checked by the engine itself, ZeRO 1 by DeepSpeed's overflow check."""
@@ -345,5 +363,5 @@ def test_resume_under_another_engine_stage_or_world_size_is_a_config_error(tmp_p
     states = checkpoint.list_checkpoints(tmp_path / "z1")[-1] / "G" / "deepspeed" / "mp_rank_00_model_states.pt"
     meta = torch.load(states, weights_only=True)
     torch.save({**meta, "dp_world_size": 2}, states)  # as if two ranks had saved it
-    with pytest.raises(ConfigError, match="shards of 2 ranks"):
+    with pytest.raises(ConfigError, match="shards of 2 ranks.*Resume with 2 processes in all"):
         _trainer(tmp_path / "z1", *DS, "train.steps=2")

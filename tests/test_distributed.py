@@ -134,7 +134,7 @@ def test_zero2_trains_as_ddp_and_shards_the_optimizer(run):
     Those parameters leave the outputs unchanged; the rest agree to rounding. Measured over the 4
     steps on an AVX2 EPYC: outputs differ by at most 8.3e-4 of what training changed them by (G;
     D 2.5e-5; bitwise equal on AVX-512); 1% leaves 12x room for other CPUs and still fails a run
-    that skipped or repeated one of the 4 steps (about 25% of the change) or trained on other data.
+    that skipped or repeated one of the 4 steps or trained on other data (a whole step's change).
     """
     ddp, zero2 = dumps(run("ddp"), "full")[0], dumps(run("zero2"), "full")[0]
     initial, trained, ours = network_outputs(None), network_outputs(ddp), network_outputs(zero2)
