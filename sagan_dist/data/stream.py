@@ -25,6 +25,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset
 
 from sagan_dist.data.procs import ReaderClosed, ShardOpener, init_worker, stop_workers
+from sagan_dist.errors import Reported
 
 PREFETCH = 2  # batches read ahead by the thread (the DataLoader's workers read ahead too)
 WAIT_SLICE_S = 0.2  # how often a waiting consumer checks stop() and the stall deadline
@@ -35,7 +36,7 @@ class StopRequested(Exception):
     """``stop()`` became true while `BatchStream.next_batch` was waiting for data."""
 
 
-class DataStallError(RuntimeError):
+class DataStallError(RuntimeError, Reported):
     """No batch arrived for ``data.stall_timeout_s`` seconds."""
 
 
