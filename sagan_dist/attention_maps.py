@@ -131,7 +131,7 @@ def layer_metrics(maps: dict[str, LayerMaps]) -> dict[str, float]:
 def sheet_title(net: str, name: str, lm: LayerMaps) -> str:
     h, w = lm.map_size
     keys = f", keys pooled to {lm.maps.shape[2]}x{lm.maps.shape[3]}" if lm.stride > 1 else ""
-    return f"{net} {name}: {h}x{w} map{keys}; each map scaled to its maximum"
+    return f"{net} {name}: {h}x{w} map{keys}; colours scaled per map, corner: peak weight / uniform"
 
 
 def write_sheets(images: torch.Tensor, maps: dict[str, LayerMaps], net: str,

@@ -4,7 +4,8 @@ A sheet has one row per image: the image with its K query points marked in disti
 for each point its attention map (a colour map of the weights, blended over the image in grey)
 with that point marked again and a bar of its colour on top. Maps are scaled per map to their own
 maximum for display, so a diffuse map and a peaked one are both visible; the true weights are in
-``maps.pt``. Maps are enlarged with nearest-neighbour sampling: each key cell shows as the block of
+``maps.pt``, and each map's corner gives its largest weight as a multiple of the uniform one.
+Maps are enlarged with nearest-neighbour sampling: each key cell shows as the block of
 image pixels it covers (2 x 2 feature-map pixels when keys are pooled), nothing is smoothed in.
 """
 from __future__ import annotations
@@ -93,7 +94,17 @@ def render_sheet(images: torch.Tensor, maps: torch.Tensor, points: torch.Tensor,
             sheet.paste(_pil(overlay(images[i], maps[i, j], size)), (left, top))
             draw.rectangle([left, top - BAR, left + size - 1, top - 1], fill=colour)
             _mark(draw, _point_centre(points[j], map_size, left, top, size), colour, radius)
+            _peak_label(draw, maps[i, j], left, top + size)
     return sheet
+
+
+def _peak_label(draw: ImageDraw.ImageDraw, weights: torch.Tensor, left: int, bottom: int) -> None:
+    """The map's largest weight as a multiple of the uniform weight: the colours are scaled per map,
+    so this tells a peaked map (e.g. 40x) from a nearly flat one (1.2x) that looks as bright."""
+    text = f"{float(weights.max()) * weights.numel():.1f}x"
+    box = draw.textbbox((left + 2, bottom - 12), text)
+    draw.rectangle([box[0] - 1, box[1] - 1, box[2] + 1, box[3] + 1], fill=(0, 0, 0))
+    draw.text((left + 2, bottom - 12), text, fill=(255, 255, 255))
 
 
 def _pil(t: torch.Tensor) -> Image.Image:
