@@ -226,6 +226,10 @@ class DeepSpeedEngine(Engine):
         optimizer = torch.optim.Adam(model.parameters(), lr=lr, betas=(float(betas[0]), float(betas[1])),
                                      fused=self._mask_non_finite or None)
         self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds)
+        if self._mask_non_finite and self.engine.optimizer is not optimizer:
+            # found_inf must reach the Adam that steps; a wrapper would silently apply NaN updates.
+            raise RuntimeError(f"DeepSpeed wrapped the ZeRO 0 fp32 optimizer of {name} "
+                               f"({type(self.engine.optimizer).__name__}); non-finite steps could not be skipped")
         self.engine.checkpoint_engine = WeightsOnlyCheckpointEngine(self.engine._config)
         self.module = self.engine
         self.raw = self.engine.module
