@@ -45,8 +45,15 @@ class DDPEngine(Engine):
                                  "no CPU kernel); set model.sync_bn=false on CPU")
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         self.raw = model.to(device)
+        if is_distributed():
+            # Zero gradients before DDP wraps the model: DDP turns existing gradients into views of
+            # its buckets at construction, so every backward (the first included) accumulates into
+            # the buckets in place, whatever strides a kernel gives its gradient (1x1 conv weight
+            # gradients come out as [48, 24, 1, 1] with strides [24, 1, 24, 24]: no copy, no warning).
+            for p in self.raw.parameters():
+                p.grad = torch.zeros_like(p)
         self.module = (DistributedDataParallel(self.raw, device_ids=[device] if device.type == "cuda" else None,
-                                               broadcast_buffers=False, gradient_as_bucket_view=True)
+                                               forward_sync_buffers=False, gradient_as_bucket_view=True)
                        if is_distributed() else self.raw)
         self.optimizer = adam(list(self.raw.parameters()), lr, betas, device)
         self.scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
