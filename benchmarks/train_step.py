@@ -37,7 +37,6 @@ import gc
 import itertools
 import json
 import os
-import statistics
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -47,9 +46,12 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import (count_flops, describe_machine, format_table, gemm_peak_flops,
-                               interleaved_wall_cpu_times, mib, peak_rss_growth, run_json_child,
+                               interleaved_times, mib, peak_rss_growth, run_json_child,
                                start_peak_rss)
+from benchmarks.counters import count_collectives, count_host_reads
 from sagan_dist import dist
+from sagan_dist import train as train_module
+from sagan_dist.acceleration import configure_backends, prepare_models
 from sagan_dist.config import load
 from sagan_dist.dist import DistInfo
 from sagan_dist.train import Trainer
@@ -57,7 +59,10 @@ from sagan_dist.train import Trainer
 # name -> (checkpoint attention blocks, also checkpoint residual blocks)
 CHECKPOINTING = {"off": (False, False), "attention": (True, False),
                  "attention+blocks": (True, True)}
-BASELINE = ("fp32", "off")  # ratios are against this variant of the same resolution
+# name -> (train.compile, model.channels_last); explicit, so "auto" never decides a row
+COMPUTE = {"eager": (False, False), "compile": (True, False), "channels_last": (False, True),
+           "compile+channels_last": (True, True)}
+BASELINE = ("fp32", "off", "eager")  # ratios are against this variant of the same resolution
 GOAL_MEMORY_RATIO = 0.60  # at 256 px: checkpointing cuts step peak memory by >= 40% ...
 GOAL_TIME_RATIO = 1.30  # ... for at most 30% more step time
 GEMM_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -83,46 +88,67 @@ class Variant:
     precision: str
     checkpointing: str  # a key of CHECKPOINTING
     batch: int  # per process (= per GPU); the Setup's, or what --max-batch found
+    compute: str = "eager"  # a key of COMPUTE
 
     @property
     def name(self) -> str:
-        return f"{self.resolution}px {self.precision} ckpt={self.checkpointing} b={self.batch}"
+        return (f"{self.resolution}px {self.precision} ckpt={self.checkpointing} "
+                f"{self.compute} b={self.batch}")
 
 
 # ------------------------------------------------------------------------------ the Trainer
 def overrides(v: Variant, s: Setup, workdir: Path, placeholder: Path, world_size: int) -> list[str]:
     """``key=value`` overrides of the demo config that make this variant."""
     attention, blocks = CHECKPOINTING[v.checkpointing]
+    compiled, channels_last = COMPUTE[v.compute]
     return [f"model.resolution={v.resolution}", f"model.g_channels={s.channels}",
             f"model.d_channels={s.channels}", f"model.init={s.init}",
             f"model.checkpoint_from={s.checkpoint_from if attention else 0}",
             f"model.checkpoint_blocks={str(blocks).lower()}", f"data.num_classes={s.classes}",
             "data.source=shards", f"data.shards={placeholder}", f"train.precision={v.precision}",
             f"train.batch_size={v.batch * world_size}", f"train.run_dir={workdir / 'run'}",
-            "train.resume=never", "tracking.enabled=false", "eval.every=0"]
+            "train.resume=never", "tracking.enabled=false", "eval.every=0",
+            f"train.compile={str(compiled).lower()}",
+            f"model.channels_last={str(channels_last).lower()}"]
 
 
-def synthetic_batches(n: int, resolution: int,
-                      classes: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Endless (images in [-1, 1], labels) CPU batches, as the loader yields them; two, cycled."""
-    g = torch.Generator().manual_seed(n * 1_000 + resolution)
-    batches = [(torch.rand(n, 3, resolution, resolution, generator=g) * 2 - 1,
-                torch.randint(classes, (n,), generator=g)) for _ in range(2)]
-    return itertools.cycle(batches)
+class SyntheticStream:
+    """A batch stream as the Trainer's ``batch_source`` returns it: two random batches, cycled.
+
+    Images in [-1, 1] and labels on the CPU, as the loader yields them, so the host-to-device copy
+    stays in the step; nothing is read from storage (``benchmarks/loader.py`` measures that).
+    """
+
+    wait_s, skipped = 0.0, 0
+
+    def __init__(self, n: int, resolution: int, classes: int, seed: int) -> None:
+        g = torch.Generator().manual_seed(seed)
+        self._batches = itertools.cycle([(torch.rand(n, 3, resolution, resolution, generator=g) * 2 - 1,
+                                          torch.randint(classes, (n,), generator=g)) for _ in range(2)])
+
+    def next_batch(self, stop: Callable[[], bool] = lambda: False) -> tuple[torch.Tensor, torch.Tensor]:
+        return next(self._batches)
+
+    def close(self) -> None:
+        pass
 
 
 def build_trainer(v: Variant, s: Setup, info: DistInfo, workdir: Path) -> Trainer:
-    # data.source=shards with an empty placeholder tar: prepare_data only checks that it exists,
-    # and the reader is lazy, so nothing is read (the digits source would write PNG shards first).
+    # data.source=shards with an empty placeholder tar: config validation wants a pattern, and
+    # with a batch source the trainer never reads it.
     placeholder = workdir / "synthetic.tar"
     workdir.mkdir(parents=True, exist_ok=True)
     placeholder.touch()
     cfg = load(["demo"], overrides(v, s, workdir, placeholder, info.world_size),
                world_size=info.world_size)
-    trainer = Trainer(cfg, info)
-    trainer._start_segment()  # seeds latents exactly as training does; builds the (unread) loader
-    trainer.data_stream.close()
-    trainer.data = synthetic_batches(trainer.micro_batch, v.resolution, s.classes)
+    configure_backends(info.device)
+    micro = v.batch
+    trainer = Trainer(cfg, info, batch_source=lambda seed: SyntheticStream(micro, v.resolution,
+                                                                            s.classes, seed))
+    if not hasattr(train_module, "prepare_models"):
+        # Until the trainer applies the compute settings itself (sagan_dist/acceleration.py).
+        prepare_models(trainer.G.raw, trainer.D.raw, cfg, info.device)
+    trainer._start_segment()  # seeds latents exactly as training does, opens the batch stream
     return trainer
 
 
@@ -138,19 +164,6 @@ def step_fn(trainer: Trainer) -> Callable[[], None]:
         synchronize(trainer.info.device)
 
     return step
-
-
-def warm_up_small(trainer: Trainer, resolution: int, classes: int) -> None:
-    """One step at micro-batch 1: creates gradients and Adam moments and starts thread pools.
-
-    Batch 1 instead of the real batch only to save time: the state it leaves is the same.
-    """
-    micro, data = trainer.micro_batch, trainer.data
-    trainer.micro_batch, trainer.data = 1, synthetic_batches(1, resolution, classes)
-    try:
-        step_fn(trainer)()
-    finally:
-        trainer.micro_batch, trainer.data = micro, data
 
 
 def wrapped_blocks(trainer: Trainer) -> int:
@@ -204,7 +217,7 @@ def measure_memory(v: Variant, s: Setup) -> dict[str, object]:
         trainer = build_trainer(v, s, DistInfo(0, 1, 0, device), Path(tmp))
         step = step_fn(trainer)
         try:
-            warm_up_small(trainer, v.resolution, s.classes)
+            step()  # warm-up: compilation, gradients, Adam moments, thread pools
             if device.type == "cpu":
                 baseline = start_peak_rss()
                 step()
@@ -243,38 +256,46 @@ def largest_batch(v: Variant, s: Setup) -> int:
 # ------------------------------------------------------------------------------------ parent
 def time_and_count(variants: Sequence[Variant], s: Setup, info: DistInfo,
                    repeats: int) -> dict[Variant, dict]:
-    """Median step time (round-robin over ``variants``), FLOPs and wrapped blocks of each."""
+    """Median step time (round-robin over ``variants``), FLOPs, host reads, collectives."""
     with tempfile.TemporaryDirectory() as tmp:
         trainers = {v: build_trainer(v, s, info, Path(tmp) / str(i))
                     for i, v in enumerate(variants)}
         steps = {v: step_fn(t) for v, t in trainers.items()}
-        # Counting FLOPs runs one step of each trainer, which is also its warm-up (first-step
-        # costs: Adam moments, oneDNN primitives), so the timing below needs none of its own.
-        flops = {v: count_flops(fn) for v, fn in steps.items()}
-        times = interleaved_wall_cpu_times({v.name: fn for v, fn in steps.items()},
-                                           repeats=repeats, warmup=0)
-        on_cpu = info.device.type == "cpu"
+        # The warm-up step of each trainer compiles (if it does) and creates Adam's moments.
+        times = interleaved_times({v.name: fn for v, fn in steps.items()}, repeats=repeats,
+                                  warmup=1, sync=lambda: synchronize(info.device))
+        clock = "cpu" if info.device.type == "cpu" else "wall"
         results = {}
         for v in variants:
             t = times[v.name]
-            main_clock = t.cpu if on_cpu else t.wall
-            results[v] = {"time": statistics.median(main_clock), "wall": statistics.median(t.wall),
-                          "spread": spread(main_clock), "flops": flops[v],
-                          "wrapped": wrapped_blocks(trainers[v])}
+            results[v] = {"time": t.median(clock), "wall": t.median("wall"),
+                          "spread": t.spread(clock), "wrapped": wrapped_blocks(trainers[v]),
+                          **counted_step(steps[v], info.device)}
         del trainers, steps
         free_memory(info.device)
     return results
 
 
-def spread(samples: list[float]) -> float:
-    """(max - min) / median: how much the repeats of one variant disagree."""
-    return (max(samples) - min(samples)) / statistics.median(samples)
+def counted_step(step: Callable[[], None], device: torch.device) -> dict[str, object]:
+    """One more step under each counter (outside the timing: counting slows a step down).
+
+    FLOPs are counted in eager mode (``force_eager``): FlopCounterMode sees aten ops, which a
+    compiled graph hides in fused kernels; the maths, and so the FLOPs, are the same.
+    """
+    with torch.compiler.set_stance("force_eager"):
+        flops = count_flops(step)
+    with count_host_reads(device) as reads:
+        step()
+    with count_collectives() as comms:
+        step()
+    return {"flops": flops, "host_reads": reads.total, "collectives": sum(comms.calls.values()),
+            "comm_bytes": comms.bytes(), "comm_detail": comms.summary(1)}
 
 
 def measure_resolution(resolution: int, args: argparse.Namespace, s: Setup,
                        info: DistInfo) -> dict[Variant, dict]:
-    variants = [Variant(resolution, p, c, s.batch)
-                for p in args.precisions for c in args.checkpointing]
+    variants = [Variant(resolution, p, c, s.batch, k)
+                for p in args.precisions for c in args.checkpointing for k in args.compute]
     if args.max_batch:  # rank 0 searches on its GPU; every rank then uses what it found
         found = [largest_batch(v, s) for v in variants] if info.is_main else None
         found = dist.broadcast_object(found)
@@ -289,14 +310,15 @@ def measure_resolution(resolution: int, args: argparse.Namespace, s: Setup,
     return results
 
 
-HEADERS = ["res", "precision", "checkpointing", "wrapped G+D", "batch", "step s (median)*",
+HEADERS = ["res", "precision", "checkpointing", "compute", "wrapped G+D", "batch", "step s (median)*",
            "wall s (median)", "images/s*", "time vs base", "step peak MiB", "mem vs base",
-           "process peak MiB", "GFLOP/image", "GFLOP/s", "of GEMM peak"]
+           "process peak MiB", "GFLOP/image", "GFLOP/s", "of GEMM peak", "host reads/step",
+           "collectives/step", "MiB reduced/step"]
 
 
 def baseline_of(results: dict[Variant, dict], v: Variant) -> dict | None:
     return next((r for u, r in results.items() if u.resolution == v.resolution
-                 and (u.precision, u.checkpointing) == BASELINE), None)
+                 and (u.precision, u.checkpointing, u.compute) == BASELINE), None)
 
 
 def table_rows(results: dict[Variant, dict], peaks: dict[str, float],
@@ -306,12 +328,13 @@ def table_rows(results: dict[Variant, dict], peaks: dict[str, float],
         base, images = baseline_of(results, v), v.batch * world  # n_critic = 1 in the demo config
         rate = r["flops"] / r["time"]
         ratio = lambda key: f"{r[key] / base[key]:.2f}" if base else ""  # noqa: E731
-        rows.append([f"{v.resolution} px", v.precision, v.checkpointing, str(r["wrapped"]),
+        rows.append([f"{v.resolution} px", v.precision, v.checkpointing, v.compute, str(r["wrapped"]),
                      str(v.batch), f"{r['time']:.2f}", f"{r['wall']:.2f}",
                      f"{images / r['time']:.2f}", ratio("time"), mib(r["step_peak"]),
                      ratio("step_peak"), mib(r["process_peak"]),
                      f"{r['flops'] / images / 1e9:.1f}", f"{rate / 1e9:.1f}",
-                     f"{rate / peaks[v.precision]:.2f}"])
+                     f"{rate / peaks[v.precision]:.2f}", str(r["host_reads"]), str(r["collectives"]),
+                     mib(r["comm_bytes"])])
     return rows
 
 
@@ -322,7 +345,8 @@ def goal_lines(results: dict[Variant, dict]) -> list[str]:
         if v.resolution != 256 or v.checkpointing == "off":
             continue
         plain = next((q for u, q in results.items() if u.resolution == 256
-                      and u.precision == v.precision and u.checkpointing == "off"), None)
+                      and u.precision == v.precision and u.checkpointing == "off"
+                      and u.compute == v.compute), None)
         if plain is None:
             continue
         mem, tim = r["step_peak"] / plain["step_peak"], r["time"] / plain["time"]
@@ -385,6 +409,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--precisions", nargs="+", choices=tuple(GEMM_DTYPES), default=["fp32", "bf16"])
     p.add_argument("--checkpointing", nargs="+", choices=tuple(CHECKPOINTING),
                    default=list(CHECKPOINTING))
+    p.add_argument("--compute", nargs="+", choices=tuple(COMPUTE), default=["eager"],
+                   help="train.compile / model.channels_last per row (gpu_check.sh: all four)")
+    p.add_argument("--quick", action="store_true",
+                   help="smoke test: 64 px, width 8, batch 2, 10 classes, 1 repeat (any other flag "
+                        "still applies on top)")
     p.add_argument("--channels", type=int, default=32,
                    help="model.g_channels and d_channels (full: 64)")
     p.add_argument("--batch", type=int, default=4,
@@ -404,6 +433,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         "processes), then timed at it")
     p.add_argument("--child", help=argparse.SUPPRESS)  # JSON {variant, setup}: measure_memory
     args = p.parse_args(argv)
+    if args.quick:
+        args.resolutions, args.channels, args.batch, args.classes = [64], 8, 2, 10
+        args.repeats, args.checkpoint_from = 1, 32
     if args.max_batch and args.device != "cuda":
         p.error("--max-batch needs --device cuda (a CPU does not run out of memory cleanly)")
     return args
