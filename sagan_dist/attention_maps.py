@@ -16,9 +16,10 @@ import argparse
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, TypeVar
 
 import torch
+from omegaconf import DictConfig
 from torch import nn
 
 from sagan_dist import checkpoint, config
@@ -27,6 +28,9 @@ from sagan_dist.fsio import atomic_write, load_torch, save_torch
 from sagan_dist.models.attention import SelfAttention
 from sagan_dist.models.sagan import Discriminator, Generator, attention_layers, build_models
 from sagan_dist.sample import load_generator, parse_classes, spread_labels, to_uint8, truncated_normal
+
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -65,8 +69,9 @@ def fraction_points(fractions: list[tuple[float, float]], h: int, w: int) -> tor
 
 
 # ------------------------------------------------------------------------------ the maps
-def capture_inputs(model: nn.Module, run: Callable[[], object]) -> dict[str, torch.Tensor]:
-    """Each SelfAttention's input during ``run()`` (one forward of ``model``), by layer name."""
+def capture_inputs(model: nn.Module, run: Callable[[], T]) -> tuple[dict[str, torch.Tensor], T]:
+    """Each SelfAttention's input during ``run()`` (one forward of ``model``), by layer name, and
+    what ``run()`` returned."""
     inputs: dict[str, torch.Tensor] = {}
 
     def keep(name: str) -> Callable:
@@ -74,28 +79,29 @@ def capture_inputs(model: nn.Module, run: Callable[[], object]) -> dict[str, tor
 
     handles = [layer.register_forward_pre_hook(keep(name)) for name, layer in attention_layers(model).items()]
     try:
-        run()
+        output = run()
     finally:
         for h in handles:
             h.remove()
-    return inputs
+    return inputs, output
 
 
 @torch.no_grad()
-def layer_maps(model: nn.Module, run: Callable[[], object], points: int,
-               at: list[tuple[float, float]] | None = None) -> dict[str, LayerMaps]:
-    """Maps of every attention layer of ``model`` during ``run()``: ``at`` (fractions of the map)
-    if given, else ``points`` spread positions per layer."""
+def layer_maps(model: nn.Module, run: Callable[[], T], points: int,
+               at: list[tuple[float, float]] | None = None) -> tuple[dict[str, LayerMaps], T]:
+    """Maps of every attention layer of ``model`` during ``run()``, and what ``run()`` returned:
+    ``at`` (fractions of the map) if given, else ``points`` spread positions per layer."""
     layers = attention_layers(model)
     if not layers:
         raise ValueError(f"the {type(model).__name__} has no self-attention layer (model.*_attention=[])")
+    inputs, output = capture_inputs(model, run)
     result = {}
-    for name, x in capture_inputs(model, run).items():
+    for name, x in inputs.items():
         h, w = x.shape[-2:]
         pts = fraction_points(at, h, w) if at else spread_points(h, w, points)
         maps = layers[name].attention_rows(x, pts[:, 0] * w + pts[:, 1])
         result[name] = LayerMaps(maps.cpu(), pts, (h, w))
-    return result
+    return result, output
 
 
 def key_positions(lm: LayerMaps) -> torch.Tensor:
@@ -179,17 +185,16 @@ def attention_summary(g: Generator, z: torch.Tensor, y: torch.Tensor, points: in
     was_training = g.training
     g.eval()
     try:
-        out: dict[str, torch.Tensor] = {}
-        maps = layer_maps(g, lambda: out.__setitem__("x", g(z, y)), points)
+        maps, images = layer_maps(g, lambda: g(z, y), points)
     finally:
         g.train(was_training)
     path_of = lambda name: Path(out_dir) / name / f"step-{step:08d}.png"  # noqa: E731
-    paths = write_sheets(to_uint8(out["x"]), maps, "G", path_of, y.tolist())
+    paths = write_sheets(to_uint8(images), maps, "G", path_of, y.tolist())
     return paths, layer_metrics(maps)
 
 
 # ------------------------------------------------------------------------------ D on real images
-def load_discriminator(snapshot: Path, cfg, device: torch.device) -> Discriminator:
+def load_discriminator(snapshot: Path, cfg: DictConfig, device: torch.device) -> Discriminator:
     """D of a snapshot: ``D.pt`` (DDP engine) or the module weights in DeepSpeed's model-states
     file (``D/deepspeed/mp_rank_00_model_states.pt``), both read weights-only, in eval mode."""
     _, d = build_models(cfg)
@@ -205,7 +210,7 @@ def load_discriminator(snapshot: Path, cfg, device: torch.device) -> Discriminat
     return d.to(device).eval()
 
 
-def run_shards(cfg, snapshot: Path) -> str:
+def run_shards(cfg: DictConfig, snapshot: Path) -> str:
     """The shard pattern a run trained on: ``data.shards``, or the digits shards in its run directory."""
     if cfg.data.source == "shards":
         return str(cfg.data.shards)
@@ -215,7 +220,7 @@ def run_shards(cfg, snapshot: Path) -> str:
     return str(run_dir / "data" / f"{DIGITS_SPLIT}-{{000000..{DIGITS_SHARDS - 1:06d}}}.tar")
 
 
-def real_batch(cfg, shards: str, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+def real_batch(cfg: DictConfig, shards: str, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """N real images (center crop, no flip) and labels from ``shards`` through the training reader."""
     from sagan_dist.data import build_loader
 
@@ -277,25 +282,29 @@ def _check_args(args: argparse.Namespace) -> None:
                          "shards) or --data 'PATTERN' (webdataset shards)")
     if args.net == "G" and args.data is not None:
         raise SystemExit("--data is for --net D; G's maps are of its own samples")
+    parse_at(args.at)  # refuse a malformed --at before loading anything
+
+
+Shown = tuple[torch.Tensor, torch.Tensor, dict[str, LayerMaps]]  # images, labels, maps
 
 
 @torch.no_grad()
-def _generated(g: Generator, args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor, dict[str, LayerMaps]]:
+def _generated(g: Generator, args: argparse.Namespace) -> Shown:
     device = next(g.parameters()).device
     labels = spread_labels(args.n, parse_classes(args.classes, g.num_classes)).to(device)
-    z = truncated_normal((args.n, g.z_dim), args.truncation, torch.Generator(device).manual_seed(args.seed), device)
-    out: dict[str, torch.Tensor] = {}
-    maps = layer_maps(g, lambda: out.__setitem__("x", g(z, labels)), args.points, parse_at(args.at))
-    return out["x"], labels, maps
+    gen = torch.Generator(device).manual_seed(args.seed)
+    z = truncated_normal((args.n, g.z_dim), args.truncation, gen, device)
+    maps, images = layer_maps(g, lambda: g(z, labels), args.points, parse_at(args.at))
+    return images, labels, maps
 
 
 @torch.no_grad()
-def _real(args: argparse.Namespace, snapshot: Path, cfg) -> tuple[torch.Tensor, torch.Tensor, dict[str, LayerMaps]]:
+def _real(args: argparse.Namespace, snapshot: Path, cfg: DictConfig) -> Shown:
     device = torch.device(args.device)
     d = load_discriminator(snapshot, cfg, device)
     images, labels = real_batch(cfg, args.data or run_shards(cfg, snapshot), args.n, args.seed)
     images, labels = images.to(device), labels.to(device)
-    maps = layer_maps(d, lambda: d(images, labels), args.points, parse_at(args.at))
+    maps, _ = layer_maps(d, lambda: d(images, labels), args.points, parse_at(args.at))
     return images, labels, maps
 
 

@@ -75,7 +75,8 @@ def test_generator_maps_are_probability_distributions():
     torch.manual_seed(2)
     g = Generator(32, num_classes=10, z_dim=16, ch=8, attention=[8, 16], pool=True).eval()
     z, y = torch.randn(3, 16), torch.tensor([0, 4, 9])
-    maps = layer_maps(g, lambda: g(z, y), points=5)
+    maps, images = layer_maps(g, lambda: g(z, y), points=5)
+    assert images.shape == (3, 3, 32, 32)
     assert sorted(lm.map_size for lm in maps.values()) == [(8, 8), (16, 16)]
     for lm in maps.values():
         h, w = lm.map_size

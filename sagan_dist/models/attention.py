@@ -65,7 +65,7 @@ class SelfAttention(nn.Module):
         is 1x1, so applying it to the K picked pixels is the same as applying it to all and picking.
         """
         b = x.shape[0]
-        q = self.query(x.flatten(2)[:, :, queries].unsqueeze(-1)).squeeze(-1)  # (B, C', K)
+        q = self.query(x.flatten(2)[:, :, queries.to(x.device)].unsqueeze(-1)).squeeze(-1)  # (B, C', K)
         k = self.key(x)
         if self.pool:
             k = F.max_pool2d(k, 2)
