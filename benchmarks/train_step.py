@@ -18,11 +18,18 @@ activation checkpointing off / attention blocks only / attention + residual bloc
   the same run;
 * ratios against the fp32, no-checkpointing variant of the same resolution.
 
-The data is synthetic: random images and labels of the right shape replace the Trainer's ``data``
-iterator, so the shard reader's cost is not in the step (``benchmarks/loader.py`` measures that).
-The Trainer is otherwise the one ``sagan-dist train`` builds (DDP engine, world size 1 on CPU).
+* host reads per step and collectives per step with the bytes they move (benchmarks/counters.py
+  says what is counted; one extra step under each counter, outside the timing). Collectives are
+  non-zero only under torchrun with 2+ processes (gloo on CPU, NCCL on CUDA).
 
-Run from the repository root:  ``.venv/bin/python -m benchmarks.train_step``
+The data is synthetic: the Trainer is handed a ``batch_source`` of random images and labels, so
+the shard reader's cost is not in the step (``benchmarks/loader.py`` measures that). The Trainer
+is otherwise the one ``sagan-dist train`` builds (DDP engine). ``--compute`` adds rows per
+``train.compile`` / ``model.channels_last`` setting; FLOPs are counted eagerly for all of them.
+
+Run from the repository root:  ``.venv/bin/python -m benchmarks.train_step`` (``--quick``: smoke)
+Collectives on CPU:  ``OMP_NUM_THREADS=1 .venv/bin/torchrun --nproc-per-node 2 -m
+benchmarks.train_step --quick``
 On GPUs (untested):  ``torchrun --nproc-per-node <GPUs> -m benchmarks.train_step --device cuda
 --channels 64 --resolutions 256 --precisions bf16 --checkpointing off attention+blocks --max-batch``
 (DDP over NCCL; memory is measured in single-GPU child processes, without DDP's buckets).
