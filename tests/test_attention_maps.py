@@ -197,3 +197,9 @@ def test_attention_of_d_from_a_deepspeed_snapshot(tmp_path):
                      "--n", "2", "--points", "2"]) == 0
     maps = torch.load(tmp_path / "o" / "maps.pt", weights_only=True)["maps"]["blocks.1"]
     torch.testing.assert_close(maps.sum(dim=(2, 3)), torch.ones(2, 2))
+
+
+def test_a_model_without_attention_is_refused_with_the_keys_named():
+    g = Generator(32, num_classes=10, z_dim=16, ch=8, attention=[]).eval()
+    with pytest.raises(ValueError, match=r"model\.\*_attention=\[\]"):
+        layer_maps(g, lambda: g(torch.randn(1, 16), torch.tensor([0])), points=2)
