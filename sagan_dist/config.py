@@ -107,6 +107,10 @@ class TrainConfig:
     truncation: float = 0.0  # for sample grids; 0 = off
     sample_classes: int = 10  # rows of the sample grid (classes); 0 = all
     samples_per_class: int = 8
+    # Query points per self-attention layer of G whose attention maps are drawn (RUN_DIR/attention,
+    # MLflow images attention/<layer>) with the sample grids, plus the layers' mean attention
+    # distance and entropy as metrics; 0 = off.
+    attention_points: int = 4
 
 
 @dataclass
@@ -339,7 +343,7 @@ def validate(cfg: DictConfig, world_size: int = 1) -> None:
            "two floats in [0, 1), e.g. [0.0, 0.9]")
     _choice(cfg, "train.loss", ("hinge", "nonsat"))
     _choice(cfg, "train.precision", ("fp32", "bf16", "fp16"))
-    for key in ("train.ema_start", "train.ema_kimg", "train.ema_rampup", "train.grad_clip",
+    for key in ("train.ema_start", "train.ema_kimg", "train.ema_rampup", "train.grad_clip", "train.attention_points",
                 "train.truncation", "train.sample_classes"):
         _positive(cfg, key, strict=False)
     shards = world_size * t.accumulation

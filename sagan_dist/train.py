@@ -31,7 +31,10 @@ from sagan_dist.data.stream import StopRequested
 from sagan_dist.dist import DistInfo
 from sagan_dist.errors import Reported
 from sagan_dist.ema import EMA, ema_beta
+from sagan_dist.acceleration import configure_backends, prepare_models
+from sagan_dist.attention_maps import attention_summary
 from sagan_dist.engines import build_engines
+from sagan_dist.engines.base import PRECISION_DTYPES
 from sagan_dist.losses import get_losses
 from sagan_dist.models.sagan import attention_layers, build_models
 from sagan_dist.sample import grid_latents, latents, save_grid
@@ -94,6 +97,8 @@ class Trainer:
         self.ema = EMA(g)  # before checkpointing wraps G's forwards: the EMA copy stays plain
         for net in (g, d):
             apply_activation_checkpointing(net, cfg.model.checkpoint_from, cfg.model.checkpoint_blocks)
+        self.micro_batch_fits(g, d)  # before compile: the probe forward must not add a graph
+        prepare_models(g, d, cfg, info.device)  # channels_last, torch.compile (auto: on for CUDA)
         self.G, self.D = build_engines(cfg, g, d, info)
         self.ema.model.to(info.device)
         self.d_loss, self.g_loss = get_losses(t.loss)
@@ -103,7 +108,6 @@ class Trainer:
         self.stats = StepStats(info.device)
         self.agreement = dist.StopAgreement()
         self.grid_z, self.grid_y = grid_latents(cfg, info.device)
-        self._check_batch_fits()
         if info.is_main:
             checkpoint.clean_stale(self.run_dir)
         dist.barrier()
@@ -299,6 +303,12 @@ class Trainer:
         path = save_grid(images, self.run_dir / "samples" / f"step-{self.step:08d}.png",
                          nrow=self.cfg.train.samples_per_class)
         self.tracker.log_image(path, self.step)
+        if self.cfg.train.attention_points and attention_layers(self.ema.model):
+            sheets, metrics = attention_summary(self.ema.model, self.grid_z, self.grid_y,
+                                                self.cfg.train.attention_points, self.run_dir / "attention", self.step)
+            for layer, sheet in sheets.items():
+                self.tracker.log_image(sheet, self.step, key=f"attention/{layer}")
+            self.tracker.log_metrics(metrics, self.step)
 
     def evaluate(self) -> None:
         """IS/FID/KID of the EMA generator; a better FID than ever before is kept as ``best``."""
@@ -366,9 +376,11 @@ class Trainer:
         torch.set_rng_state(state["rng"]["torch"].cpu())
         return state
 
-    def _check_batch_fits(self) -> None:
-        per_sample = memory.largest_activation_per_sample(self.G.raw, self.D.raw, self.cfg.model.z_dim,
-                                                          self.G.autocast(), self.info.device)
+    def micro_batch_fits(self, g: torch.nn.Module, d: torch.nn.Module) -> None:
+        """Refuse, before any step, a micro-batch whose largest activation alone cannot fit."""
+        precision = self.cfg.train.precision
+        autocast = (torch.autocast("cpu", dtype=PRECISION_DTYPES[precision]) if precision != "fp32" else None)
+        per_sample = memory.largest_activation_per_sample(g, d, self.cfg.model.z_dim, autocast)
         memory.check_batch_fits(self.micro_batch, per_sample, self.info.device, self.cfg.train.batch_size)
 
 
@@ -384,6 +396,7 @@ def main(items: Sequence[str]) -> int:
     from sagan_dist.logs import setup_logging
 
     with dist.process_group(timeout_s=cfg.train.collective_timeout_s) as info:
+        configure_backends(info.device)
         setup_logging(info, Path(cfg.train.run_dir))
         if info.is_main:
             log.info("config:\n%s", OmegaConf.to_yaml(redacted_config(config.to_container(cfg))))
