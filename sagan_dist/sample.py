@@ -230,6 +230,9 @@ def _check_args(args: argparse.Namespace) -> None:
         raise SystemExit(f"--steps {args.steps}: an interpolation needs >= 2 steps (both ends)")
     if args.interpolate != "class" and (args.from_class is not None or args.to_class is not None):
         raise SystemExit("--from-class / --to-class are for --interpolate class")
+    if args.interpolate == "class" and args.classes:
+        raise SystemExit("--classes does not apply to --interpolate class (its classes are --from-class "
+                         "and --to-class)")
 
 
 def _check_classes(args: argparse.Namespace, num_classes: int) -> None:

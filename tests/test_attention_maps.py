@@ -203,3 +203,26 @@ def test_a_model_without_attention_is_refused_with_the_keys_named():
     g = Generator(32, num_classes=10, z_dim=16, ch=8, attention=[]).eval()
     with pytest.raises(ValueError, match=r"model\.\*_attention=\[\]"):
         layer_maps(g, lambda: g(torch.randn(1, 16), torch.tensor([0])), points=2)
+
+
+def test_sheet_marks_each_query_in_its_colour_and_lights_up_where_it_looks():
+    """A one-hot map on a far key: that key's block is the colour map's brightest end blended over
+    the image, the rest is dark; each query's mark sits at its pixel in its own colour."""
+    from sagan_dist.attention_sheet import ALPHA_MAX, INFERNO, PAD, POINT_COLOURS, render_sheet, tile_size
+
+    image = torch.full((1, 3, 32, 32), 100, dtype=torch.uint8)
+    maps = torch.zeros(1, 2, 8, 8)
+    maps[0, 0, 6, 1] = 1  # query 0 at (1, 1) looks at the key (6, 1)
+    maps[0, 1] = 1 / 64  # query 1 looks everywhere alike
+    points = torch.tensor([[1, 1], [4, 6]])
+    sheet = render_sheet(image, maps, points, (8, 8), "t")
+    size, top = tile_size(32), 14 + 3  # header, colour bar
+    cell = size // 8
+    pixel = lambda tile, r, c: sheet.getpixel((PAD + tile * (size + PAD) + int((c + 0.5) * cell),  # noqa: E731
+                                               top + int((r + 0.5) * cell)))
+    assert pixel(0, 1, 1) == POINT_COLOURS[0] and pixel(0, 4, 6) == POINT_COLOURS[1]
+    bright = tuple(round((1 - ALPHA_MAX) * 100 + ALPHA_MAX * float(v)) for v in INFERNO[-1])
+    assert pixel(1, 6, 1) == bright
+    assert sum(pixel(1, 3, 5)) < sum(bright) / 3  # a key with no weight stays dark
+    assert pixel(1, 1, 1) == POINT_COLOURS[0]  # the query is marked on its map too
+    assert pixel(2, 0, 0) == bright  # a flat map is its own maximum everywhere (its corner says 1.0x)

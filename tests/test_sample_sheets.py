@@ -112,6 +112,7 @@ def test_grids_are_written_at_their_size(run_dir, tmp_path, args, name, rows, co
     (["--interpolate", "class", "--from-class", "0", "--to-class", "10"], "--to-class 10"),
     (["--interpolate", "class", "--from-class", "-1", "--to-class", "3"], "--from-class -1"),
     (["--interpolate", "z", "--from-class", "2"], "are for --interpolate class"),
+    (["--interpolate", "class", "--from-class", "1", "--to-class", "2", "--classes", "3"], "--classes does not apply"),
     (["--sheet", "--classes", "1,12"], "--classes '1,12'"),
     (["--sheet", "--n", "0"], "--n 0"),
 ])
