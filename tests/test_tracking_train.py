@@ -49,6 +49,17 @@ def test_two_process_training_logs_through_rank_0_and_resume_continues_its_run(s
     assert any(k.startswith("gamma/D.") for k in run.data.metrics)
     samples = {a.path for a in client.list_artifacts(run_id, "samples")}
     assert samples == {"samples/step-00000002.png", "samples/step-00000004.png"}
+    # What attention learned: a sheet per G attention layer at every sample step, with its metrics.
+    layers = [a.path.split("/", 1)[1] for a in client.list_artifacts(run_id, "attention")]
+    assert layers, "no attention sheets reached MLflow"
+    for layer in layers:
+        sheets = {a.path for a in client.list_artifacts(run_id, f"attention/{layer}")}
+        assert sheets == {f"attention/{layer}/step-00000002.png", f"attention/{layer}/step-00000004.png"}
+        for metric in ("distance", "entropy"):
+            history = client.get_metric_history(run_id, f"attention/{layer}/{metric}")
+            assert [m.step for m in history] == [2, 4] and all(m.value >= 0 for m in history), metric
+    assert [m.step for m in client.get_metric_history(run_id, "gpu_hours")] == [2, 4]
+    assert [m.step for m in client.get_metric_history(run_id, "data_wait_share")] == [2, 4]
 
     train(run_dir, server.uri, steps=6, nproc=1)  # resumes from step 4 (on one process)
     assert checkpoint.load_state(checkpoint.list_checkpoints(run_dir)[-1])["tracking_run_id"] == run_id
