@@ -52,7 +52,8 @@ def spread_points(h: int, w: int, k: int) -> torch.Tensor:
     """K distinct (row, col) positions spread over an h x w map: about sqrt(K) rows of points,
     each point at the centre of its cell of an even split of the map."""
     if not 1 <= k <= h * w:
-        raise ValueError(f"--points {k}: must be in 1..{h * w} (the {h}x{w} map's positions)")
+        raise ValueError(f"{k} query points per layer (--points, train.attention_points): must be in "
+                         f"1..{h * w}, the {h}x{w} map's positions")
     rows = math.ceil(math.sqrt(k))
     while math.ceil(k / rows) > w:
         rows += 1

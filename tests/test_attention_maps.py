@@ -96,7 +96,7 @@ def test_spread_points_are_distinct_positions_inside_the_map(h, w, k):
 
 def test_spread_points_refuses_counts_the_map_cannot_hold():
     for k in (0, -1, 65):
-        with pytest.raises(ValueError, match="--points"):
+        with pytest.raises(ValueError, match=rf"^{k} query points .*--points, train.attention_points"):
             spread_points(8, 8, k)
 
 
@@ -158,7 +158,7 @@ def test_attention_of_d_on_the_runs_real_images(pooled_run, tmp_path):
 
 @pytest.mark.parametrize("args,message", [
     (["--points", "0"], "--points 0"),
-    (["--points", "65"], "--points 65: must be in 1..64"),
+    (["--points", "65"], "65 query points per layer (--points, train.attention_points): must be in 1..64"),
     (["--n", "0"], "--n 0"),
     (["--classes", "3,10"], "--classes '3,10'"),
     (["--net", "D"], "add --data"),
