@@ -13,9 +13,9 @@ import yaml
 from omegaconf import DictConfig
 
 from sagan_dist import config
-from sagan_dist.config import ConfigError
+from sagan_dist.config import ConfigError, split_items
 
-from launcher import LauncherError, split_items
+from launcher import LauncherError
 
 
 def int_at_least(minimum: int) -> Callable[[str], int]:
@@ -47,8 +47,6 @@ def load_for_nodes(items: Sequence[str], node_counts: Sequence[int], procs: int,
     ``first_overrides`` go before the user's, so that an explicit override still wins.
     """
     yamls, overrides = split_items(items)
-    if not yamls:
-        raise ConfigError("no CONFIG given: name a YAML file or a shipped config such as 'demo'")
     overrides = [*first_overrides, *overrides]
     cfg = None
     for nodes in node_counts:

@@ -17,9 +17,9 @@ from typing import Callable, Sequence
 
 from omegaconf import DictConfig
 
-from sagan_dist.config import ConfigError
+from sagan_dist.config import ConfigError, split_items
 
-from launcher import LauncherError, k8s, kube, local, network, split_items
+from launcher import LauncherError, k8s, kube, local, network
 from launcher.checks import int_at_least, load_for_nodes, port_or_zero
 from launcher.manifests import FLAVORS
 

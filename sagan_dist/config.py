@@ -246,15 +246,20 @@ def _load_yaml(path: Path) -> DictConfig:
 
 
 def split_items(items: Sequence[str]) -> tuple[list[str], list[str]]:
-    """CONFIG files and key=value overrides, in any order."""
-    return [i for i in items if "=" not in i], [i for i in items if "=" in i]
+    """A command line's CONFIG files and key=value overrides (in any order); at least one CONFIG.
+
+    Every CLI (sagan-dist train, sagan-launch) parses its items here; this module imports no
+    torch, so the launcher stays quick to start.
+    """
+    yamls, overrides = [i for i in items if "=" not in i], [i for i in items if "=" in i]
+    if not yamls:
+        raise ConfigError("no CONFIG given: name a YAML file or a shipped config such as 'demo'")
+    return yamls, overrides
 
 
 def load_items(items: Sequence[str], world_size: int = 1) -> DictConfig:
-    """The config of a command line's CONFIG.../key=value items (every CLI parses them this way)."""
+    """The config of a command line's CONFIG.../key=value items."""
     yamls, overrides = split_items(items)
-    if not yamls:
-        raise ConfigError("no CONFIG given: name a YAML file or a shipped config such as 'demo'")
     return load(yamls, overrides, world_size=world_size)
 
 
