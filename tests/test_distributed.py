@@ -149,13 +149,17 @@ def test_zero2_trains_as_ddp_and_shards_the_optimizer(run):
 
 
 @pytest.mark.timeout(500)
-def test_two_nodes_agree_and_resume_after_a_restart(tmp_path):
+def test_two_nodes_agree_and_resume_after_a_restart(tmp_path, monkeypatch):
     """Two "nodes" of one process each (static rendezvous on node 0, as `sagan-launch local
     --nnodes 2` starts them), ZeRO 0; the resume is a second job, so it restarts every process."""
+    # Both "nodes" are this host: gloo's interface is loopback, as sagan-launch picks the one that
+    # reaches the master (without it, a multi-node run refuses to advertise a loopback address).
+    monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")
     overrides = ["engine=deepspeed", "deepspeed.zero_stage=0"]
     for phases in ("full,first", "resume"):
         master = f"127.0.0.1:{free_port()}"
-        procs = [start(tmp_path, phases, overrides, Rendezvous(2, node, master), nproc=1) for node in (0, 1)]
+        nodes = [Rendezvous(min_nodes=2, max_nodes=2, node_rank=node, master=master) for node in (0, 1)]
+        procs = [start(tmp_path, phases, overrides, rdzv, nproc=1) for rdzv in nodes]
         finish(procs, tmp_path)
     assert "on 2 process(es)" in (tmp_path / "node0.log").read_text()
     check_run(tmp_path, "full,first,resume")
