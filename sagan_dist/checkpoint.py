@@ -167,6 +167,21 @@ def check_compatible(saved: dict[str, Any], cfg: DictConfig, snapshot: Path) -> 
             log.warning("config key %s changed since %s: %r -> %r", full, snapshot, value, now)
 
 
+def load_generator(path: str | Path, device: torch.device) -> tuple[torch.nn.Module, DictConfig, dict[str, Any], Path]:
+    """The EMA generator of a snapshot (or of a run directory's newest valid one), in eval mode,
+    with the snapshot's config (validated for one process), its state and its path: the one loader
+    of `sample`, `attention` and `evaluate`."""
+    from sagan_dist.config import from_container
+    from sagan_dist.models.sagan import build_models
+
+    snapshot = resolve_snapshot(path)
+    state = load_state(snapshot)
+    cfg = from_container(state["config"], world_size=1)
+    g, _ = build_models(cfg)
+    g.load_state_dict(state["G_ema"])
+    return g.to(device).eval(), cfg, state, snapshot
+
+
 def resolve_snapshot(path: str | Path) -> Path:
     """A snapshot directory, its state.pt, or a run directory (then its newest valid snapshot)."""
     p = Path(path)

@@ -19,9 +19,9 @@ from omegaconf import DictConfig
 from PIL import Image
 from torchvision.utils import make_grid
 
-from sagan_dist import checkpoint, config
+from sagan_dist import checkpoint
 from sagan_dist.fsio import atomic_write
-from sagan_dist.models.sagan import Generator, build_models, conditional_batchnorms
+from sagan_dist.models.sagan import Generator, conditional_batchnorms
 
 
 def truncated_normal(shape: tuple[int, ...], truncation: float, generator: torch.Generator,
@@ -72,12 +72,8 @@ def save_grid(images: torch.Tensor, path: Path, nrow: int) -> Path:
 
 def load_generator(snapshot_path: str | Path, device: torch.device) -> tuple[Generator, DictConfig]:
     """The EMA generator of a snapshot (or of a run directory's newest valid one), in eval mode."""
-    snapshot = checkpoint.resolve_snapshot(snapshot_path)
-    state = checkpoint.load_state(snapshot, device)
-    cfg = config.from_container(state["config"])
-    g, _ = build_models(cfg)
-    g.load_state_dict(state["G_ema"])
-    return g.to(device).eval(), cfg
+    g, cfg, _, _ = checkpoint.load_generator(snapshot_path, device)
+    return g, cfg
 
 
 def parse_classes(text: str | None, num_classes: int) -> list[int]:

@@ -20,7 +20,7 @@ from sagan_dist import checkpoint, config, dist, fsio
 from sagan_dist.dist import DistInfo
 from sagan_dist.evaluation.evaluator import Evaluator
 from sagan_dist.evaluation.weights import INCEPTION_FILE
-from sagan_dist.models.sagan import Generator, build_models
+from sagan_dist.models.sagan import Generator
 
 log = logging.getLogger(__name__)
 EVALUATE_OVERRIDES = ("eval.", "data.", "tracking.")
@@ -71,11 +71,8 @@ def gpu_hours(state: dict[str, Any]) -> float | None:
 def load_snapshot(path: str | Path, overrides: Sequence[str],
                   device: torch.device) -> tuple[Generator, DictConfig, dict[str, Any], Path]:
     """The EMA generator (as trained), the overridden config, the state and the snapshot path."""
-    snapshot = checkpoint.resolve_snapshot(path)
-    state = checkpoint.load_state(snapshot)
-    g, _ = build_models(config.from_container(state["config"], world_size=1))
-    g.load_state_dict(state["G_ema"])
-    return g.to(device).eval(), config_with_overrides(state["config"], overrides), state, snapshot
+    g, _, state, snapshot = checkpoint.load_generator(path, device)
+    return g, config_with_overrides(state["config"], overrides), state, snapshot
 
 
 def snapshot_run_dir(snapshot: Path) -> Path:
