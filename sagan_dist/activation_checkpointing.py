@@ -15,9 +15,11 @@ layers update their running statistics with momentum 0 (unchanged, bit for bit; 
 off instead would save fewer tensors and fail checkpoint's recomputation check) and get their
 batch counter back, and spectral norm reuses its u/v instead of advancing the power iteration.
 Non-reentrant checkpointing also restores the RNG state, so dropout would replay identically.
-Under ``torch.compile`` the same checkpoint becomes a region that AOTAutograd recomputes in the
-backward graph; buffer mutations are applied once, by the forward graph, so the rule holds
-without the context (which dynamo cannot trace, and does not need).
+Under ``torch.compile`` a checkpointed region runs eagerly, outside the graph (a graph break at
+each wrapped block, so only blocks at maps >= ``checkpoint_from``). Letting dynamo trace it instead
+(without the context, which it cannot trace) gave G gradients up to 10% off the eager ones on a
+tiny G with BatchNorm and spectral norm in the checkpointed pieces (torch 2.14, inductor), while
+the same nets compiled without checkpointing agreed to 4e-4: correctness first.
 """
 from __future__ import annotations
 
@@ -55,10 +57,9 @@ def _recomputing(*modules: nn.Module) -> Iterator[None]:
             m.recomputing = False
 
 
+@torch.compiler.disable  # see the module docstring
 def _checkpoint(owners: tuple[nn.Module, ...], fn: Callable, *args: torch.Tensor) -> torch.Tensor:
     """``fn(*args)`` checkpointed; ``owners`` hold every stateful layer that ``fn`` runs."""
-    if torch.compiler.is_compiling():  # see the module docstring
-        return checkpoint(fn, *args, use_reentrant=False)
     contexts = lambda: (contextlib.nullcontext(), _recomputing(*owners))  # noqa: E731
     return checkpoint(fn, *args, use_reentrant=False, context_fn=contexts)
 
