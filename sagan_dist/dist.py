@@ -231,19 +231,6 @@ def all_reduce_max(value: float, device: torch.device) -> float:
     return float(t.item())
 
 
-def batch_statistics(module: torch.nn.Module) -> list[torch.Tensor]:
-    """The floating-point buffers that depend on each rank's batch: BatchNorm running statistics.
-
-    Spectral-norm u/v depend only on the (identical) weights, and ``num_batches_tracked`` counts
-    forwards, which every rank runs equally often; neither can drift apart between ranks.
-    """
-    stats = []
-    for m in module.modules():
-        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.track_running_stats:
-            stats += [m.running_mean, m.running_var]
-    return stats
-
-
 def replica_buffers(module: torch.nn.Module) -> list[torch.Tensor]:
     """The floating-point buffers that must agree across replicas after an update: BatchNorm
     running statistics (each rank's batch moves them) and spectral-norm u/v (equal weights give

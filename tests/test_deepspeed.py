@@ -196,13 +196,14 @@ def test_bf16_weights_through_extra_train_with_bf16_parameters(tmp_path):
 
 
 @pytest.mark.parametrize("stage", [0, 2])
-def test_a_step_returns_device_tensors_and_syncs_only_batchnorm_statistics(tmp_path, stage):
+def test_a_step_returns_device_tensors_and_syncs_the_floating_buffers(tmp_path, stage):
     """StepResult stays on the device (the loop reads it at logging steps); the replica sync after
-    a step covers G's BatchNorm statistics in one collective, and D (no BatchNorm) needs none."""
+    a step covers each net's floating-point buffers (BatchNorm statistics, spectral-norm u/v), in one
+    collective per net; integer counters (num_batches_tracked) advance alike on every rank."""
     tr = _trainer(tmp_path, *DS, f"deepspeed.zero_stage={stage}")
-    bn = [m for m in tr.G.raw.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
-    assert [id(t) for t in tr.G._stats] == [id(t) for m in bn for t in (m.running_mean, m.running_var)]
-    assert tr.D._stats == []
+    for engine in (tr.G, tr.D):
+        floating = [b for b in engine.raw.buffers() if b.is_floating_point()]
+        assert [id(t) for t in engine._stats] == [id(t) for t in floating] and floating
     tr._start_segment()
     x, y = tr.next_batches()[0]
     tr.D.zero_grad()

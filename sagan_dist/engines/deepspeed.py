@@ -30,8 +30,9 @@ ZeRO 1/2 and fp16/bf16 optimizers read their overflow flag themselves). ZeRO 0 w
 parameters hands the gradients straight to Adam, so there the engine checks them on the device and
 hands torch's fused Adam a ``found_inf`` flag, which skips the update inside the kernel.
 
-Replicas: after every step rank 0's BatchNorm statistics (the only buffers that can drift apart)
-are broadcast in one coalesced collective, none for a net without BatchNorm, so G, D and the EMA
+Replicas: after every step rank 0's floating-point buffers (BatchNorm statistics, which each
+rank's batch moves, and spectral-norm u/v, equal only where every rank runs the same kernels)
+are broadcast in one coalesced collective per net, as in the DDP engine, so G, D and the EMA
 generator are identical on all ranks.
 
 Checkpoints: DeepSpeed's ``save_checkpoint`` under the tag ``deepspeed`` (rank 0 writes the weights,
@@ -59,7 +60,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from sagan_dist.config import ConfigError
-from sagan_dist.dist import DistInfo, batch_statistics, broadcast_coalesced
+from sagan_dist.dist import DistInfo, broadcast_coalesced, replica_buffers
 from sagan_dist.engines.base import Engine, StepResult
 from sagan_dist.fsio import UnsafeFileError, load_torch
 
@@ -236,7 +237,7 @@ class DeepSpeedEngine(Engine):
         self.dtype = next(self.raw.parameters()).dtype
         if self.dtype != torch.float32:
             self.raw.register_forward_pre_hook(self._cast_inputs)
-        self._stats = batch_statistics(self.raw)
+        self._stats = replica_buffers(self.raw)
 
     # ---- precision ----------------------------------------------------------------------------
     def autocast(self) -> ContextManager:
