@@ -25,7 +25,6 @@ from torch import nn
 from sagan_dist import checkpoint, config
 from sagan_dist.attention_sheet import render_sheet
 from sagan_dist.fsio import atomic_write, load_torch, save_torch
-from sagan_dist.models.attention import SelfAttention
 from sagan_dist.models.sagan import Discriminator, Generator, attention_layers, build_models
 from sagan_dist.sample import load_generator, parse_classes, spread_labels, to_uint8, truncated_normal
 

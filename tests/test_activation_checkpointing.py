@@ -23,7 +23,8 @@ def _pair(include_blocks):
     torch.manual_seed(0)
     g, d = Generator(32, 10, 16, 16, attention=[16, 32]), Discriminator(32, 10, 16, attention=[16])
     g2, d2 = copy.deepcopy(g), copy.deepcopy(d)
-    wrapped = apply_activation_checkpointing(g2, 16, include_blocks) + apply_activation_checkpointing(d2, 16, include_blocks)
+    wrapped = (apply_activation_checkpointing(g2, 16, include_blocks)
+               + apply_activation_checkpointing(d2, 16, include_blocks))
     return (g, d), (g2, d2), wrapped
 
 

@@ -29,8 +29,10 @@ def quadrants(values: list, dtype: str) -> np.ndarray:
     """A SIDE x SIDE (x channels) array whose quadrants hold ``values``."""
     a = np.array(values, dtype=dtype)
     tl, tr, bl, br = a
-    return np.concatenate([np.concatenate([np.full((32, 32) + tl.shape, tl, dtype), np.full((32, 32) + tr.shape, tr, dtype)], 1),
-                           np.concatenate([np.full((32, 32) + bl.shape, bl, dtype), np.full((32, 32) + br.shape, br, dtype)], 1)], 0)
+    def block(value: np.ndarray) -> np.ndarray:
+        return np.full((32, 32) + value.shape, value, dtype)
+
+    return np.concatenate([np.concatenate([block(tl), block(tr)], 1), np.concatenate([block(bl), block(br)], 1)], 0)
 
 
 def _grey(levels: list[int]) -> list[tuple[int, int, int]]:
@@ -64,8 +66,8 @@ CASES: dict[str, tuple[str, Callable[[], Image.Image], list[tuple[int, int, int]
     "la_png": ("PNG", lambda: Image.fromarray(quadrants([(200, 0), (200, 255), (0, 255), (255, 255)], "uint8"), "LA"),
                _grey([128, 200, 0, 255])),
     "rgba_png": ("PNG", _rgba, [(128, 128, 128), (255, 0, 0), (192, 64, 64), (0, 0, 255)]),
-    "cmyk_tiff": ("TIFF", lambda: Image.fromarray(quadrants([(0, 0, 0, 0), (255, 0, 0, 0), (0, 0, 0, 255), (0, 255, 255, 0)],
-                                                            "uint8"), "CMYK"),
+    "cmyk_tiff": ("TIFF", lambda: Image.fromarray(
+        quadrants([(0, 0, 0, 0), (255, 0, 0, 0), (0, 0, 0, 255), (0, 255, 255, 0)], "uint8"), "CMYK"),
                   [(255, 255, 255), (0, 255, 255), (0, 0, 0), (255, 0, 0)]),
     "one_bit_png": ("PNG", lambda: Image.fromarray(quadrants([0, 255, 255, 0], "uint8")).convert("1"),
                     _grey([0, 255, 255, 0])),
@@ -105,8 +107,10 @@ def test_the_reader_converts_each_mode(name: str) -> None:
 
 
 def test_modes_without_a_file_format_convert_too() -> None:
-    ycbcr = Image.fromarray(quadrants([(128, 128, 128), (255, 128, 128), (0, 128, 128), (76, 85, 255)], "uint8"), "YCbCr")
-    _assert_close(_centres(np.asarray(to_rgb(ycbcr))), [(128, 128, 128), (255, 255, 255), (0, 0, 0), (254, 0, 0)], "YCbCr")
+    ycbcr = Image.fromarray(quadrants([(128, 128, 128), (255, 128, 128), (0, 128, 128), (76, 85, 255)], "uint8"),
+                            "YCbCr")
+    _assert_close(_centres(np.asarray(to_rgb(ycbcr))), [(128, 128, 128), (255, 255, 255), (0, 0, 0), (254, 0, 0)],
+                  "YCbCr")
     pa = Image.fromarray(quadrants([(1, 0), (1, 255), (2, 255), (2, 0)], "uint8"), "PA")
     pa.putpalette([0, 0, 0, 255, 0, 0, 0, 255, 0] + [0] * 759)
     _assert_close(_centres(np.asarray(to_rgb(pa))), [(128, 128, 128), (255, 0, 0), (0, 255, 0), (128, 128, 128)], "PA")

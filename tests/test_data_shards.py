@@ -154,7 +154,8 @@ def test_writer_killed_with_sigkill_resumes_without_duplicates(tmp_path: Path) -
     os.mkfifo(stuck)
     out = tmp_path / "out"
     args = [str(tmp_path / "src"), str(out), "--per-shard", "4", "--short-side", str(SHORT_SIDE), "--workers", "2"]
-    cmd = [sys.executable, "-c", "import sys; from sagan_dist.data.shards import main; sys.exit(main(sys.argv[1:]))", *args]
+    script = "import sys; from sagan_dist.data.shards import main; sys.exit(main(sys.argv[1:]))"
+    cmd = [sys.executable, "-c", script, *args]
     n_shards = -(-(len(files["good"]) + len(files["bad"]) + 1) // 4)
     proc = subprocess.Popen(cmd, cwd=REPO, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)

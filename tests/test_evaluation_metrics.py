@@ -52,8 +52,9 @@ def test_class_fid_is_torch_fidelity_fid_against_that_class_only():
     generated = ((rng.normal(size=(60, 48)) + 1) @ mix).astype(np.float32)
     ref = Reference(real.astype(np.float32), labels, *[None] * 2)
     fid, count = class_fid(torch.from_numpy(generated), ref, 1)
+    real_1 = torch.from_numpy(real[labels == 1].astype(np.float32))
     expected = fid_statistics_to_metric(fid_features_to_statistics(torch.from_numpy(generated)),
-                                        fid_features_to_statistics(torch.from_numpy(real[labels == 1].astype(np.float32))), False)
+                                        fid_features_to_statistics(real_1), False)
     # Same machine, same float64 formula up to the eigensolver (see test_evaluation's FID test).
     assert count == 100 and fid == pytest.approx(expected["frechet_inception_distance"], rel=1e-6)
     with pytest.raises(ValueError, match=r"class 5: 0 of the reference images .*eval\.reference_samples"):

@@ -26,7 +26,8 @@ from launcher.cli import main
 from launcher.manifests import CONFIG_FILE, JobSpec, render
 from sagan_dist import config
 
-K8S_VERSIONS = ("1.30", "1.37")  # the oldest cluster we support (podFailurePolicy GA 1.31, beta on) and the newest schema
+# The oldest cluster we support (podFailurePolicy GA 1.31, beta on) and the newest schema.
+K8S_VERSIONS = ("1.30", "1.37")
 TRAINER_KINDS = {"TrainJob": trainer_models.TrainerV1alpha1TrainJob,
                  "TrainingRuntime": trainer_models.TrainerV1alpha1TrainingRuntime,
                  "ClusterTrainingRuntime": trainer_models.TrainerV1alpha1ClusterTrainingRuntime}
@@ -159,7 +160,8 @@ def pod_specs(objects: list[dict[str, Any]]) -> list[dict[str, Any]]:
     specs = []
     for o in objects:
         if o["kind"] == "TrainingRuntime":
-            specs += [j["template"]["spec"]["template"]["spec"] for j in o["spec"]["template"]["spec"]["replicatedJobs"]]
+            jobs = o["spec"]["template"]["spec"]["replicatedJobs"]
+            specs += [j["template"]["spec"]["template"]["spec"] for j in jobs]
         elif o["kind"] == "PyTorchJob":
             specs += [r["template"]["spec"] for r in o["spec"]["pytorchReplicaSpecs"].values()]
         elif o["kind"] == "Job":
@@ -233,7 +235,8 @@ def test_trainjob_sets_nodes_procs_resources_and_references_its_runtime(capsys):
 
 
 def test_pytorchjob_has_master_and_workers_with_nproc_and_restart_policy(capsys):
-    job = by_kind(dry_run(capsys, "demo", "--flavor", "pytorchjob", "--nodes", "4", "--gpus-per-node", "2"))["PyTorchJob"]
+    manifests = dry_run(capsys, "demo", "--flavor", "pytorchjob", "--nodes", "4", "--gpus-per-node", "2")
+    job = by_kind(manifests)["PyTorchJob"]
     spec = job["spec"]
     assert spec["nprocPerNode"] == "2"
     assert spec["pytorchReplicaSpecs"]["Master"]["replicas"] == 1
@@ -273,7 +276,8 @@ def test_indexed_job_rendezvous_uses_pod_zero_dns_and_completion_index(capsys):
     (container,) = pod["containers"]
     assert "--master-addr=ij-0.ij" in container["command"]
     assert "--node-rank=$(NODE_RANK)" in container["command"] and "--nproc-per-node=8" in container["command"]
-    assert env_of(container)["NODE_RANK"]["fieldRef"]["fieldPath"].endswith("['batch.kubernetes.io/job-completion-index']")
+    field = env_of(container)["NODE_RANK"]["fieldRef"]["fieldPath"]
+    assert field.endswith("['batch.kubernetes.io/job-completion-index']")
     assert container["resources"]["limits"]["nvidia.com/gpu"] == "8"
     assert pod["restartPolicy"] == "Never"  # podFailurePolicy requires it
     assert spec["podFailurePolicy"]["rules"][0]["onPodConditions"] == [{"type": "DisruptionTarget", "status": "True"}]

@@ -18,7 +18,8 @@ def printed_command(capsys: pytest.CaptureFixture[str], *args: str) -> list[str]
 def test_local_nproc_2_is_a_standalone_torchrun_of_sagan_dist_train(capsys):
     cmd = printed_command(capsys, "local", "--nproc", "2", "demo", "train.steps=2")
     assert cmd == [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1",
-                   "--nproc-per-node=2", "--max-restarts=0", "--shutdown-timeout=90", "--module", "sagan_dist.cli", "train",
+                   "--nproc-per-node=2", "--max-restarts=0", "--shutdown-timeout=90",
+                   "--module", "sagan_dist.cli", "train",
                    "demo", "train.steps=2"]
 
 
@@ -147,7 +148,7 @@ def test_elastic_range_runs_torchrun_with_c10d_and_a_run_derived_id(capsys):
     assert printed_command(capsys, *args)[cmd.index(rdzv_id)] == rdzv_id  # the same on every node
     other = printed_command(capsys, *args[:-1], "train.run_dir=/runs/e2")
     assert rdzv_id not in other  # another run, another rendezvous
-    assert f"--rdzv-id=job7" in printed_command(capsys, *args, "--rdzv-id", "job7")
+    assert "--rdzv-id=job7" in printed_command(capsys, *args, "--rdzv-id", "job7")
 
 
 def test_elastic_range_checks_every_world_size_and_names_the_one_that_fails(capsys):

@@ -1,5 +1,4 @@
 """The training loop on CPU: one step, exact resume, corrupt-snapshot fallback, non-finite steps."""
-import copy
 import logging
 from pathlib import Path
 

@@ -32,6 +32,7 @@ __all__ = [
     "check_inception_weights", "class_fid", "compute_metrics", "config_with_overrides", "configure_parser",
     "extract", "frechet_distance", "generate", "gpu_hours", "load_inception_state", "load_reference",
     "load_snapshot", "parse_classes", "read_reference_images", "reference_cache_name", "reference_count",
-    "reference_key", "run", "sample_latents", "save_reference", "share_indices", "snapshot_run_dir",
+    "reference_key", "resolve_inception_weights", "run", "sample_latents", "save_reference", "share_indices",
+    "snapshot_run_dir",
     "state_digest",
 ]
