@@ -167,42 +167,9 @@ def configure_threads() -> int:
     return threads
 
 
-class StopAgreement:
-    """Whether any rank asked to stop, agreed on by all ranks without stalling a step.
-
-    Each step end starts an asynchronous MAX all-reduce of this rank's flag on the CPU control
-    group and reads the one started a step earlier (long finished by then): every rank stops at
-    the same step, one step after the first request, and no step waits on the network or the GPU.
-    """
-
-    def __init__(self) -> None:
-        self._flag = torch.zeros(1)
-        self._pending: Any = None
-        self._value = torch.zeros(1)
-
-    def poll(self, requested: bool) -> bool:
-        """Called once per step end on every rank; True on all ranks at the same step."""
-        if not is_distributed():
-            return requested
-        agreed = False
-        if self._pending is not None:
-            self._pending.wait()
-            agreed = bool(self._value[0] > 0)  # a CPU tensor: no device read
-        self._value = torch.tensor([1.0 if requested else 0.0])
-        self._pending = dist.all_reduce(self._value, op=dist.ReduceOp.MAX, group=_control_group, async_op=True)
-        return agreed
-
-    def now(self, requested: bool) -> bool:
-        """A blocking agreement (after a stop interrupted a step, or at the end)."""
-        if not is_distributed():
-            return requested
-        if self._pending is not None:
-            self._pending.wait()
-            requested = requested or bool(self._value[0] > 0)
-            self._pending = None
-        value = torch.tensor([1.0 if requested else 0.0])
-        dist.all_reduce(value, op=dist.ReduceOp.MAX, group=_control_group)
-        return bool(value[0] > 0)
+def control_group() -> Any:
+    """The CPU-side gloo group for control messages (None outside a process group)."""
+    return _control_group
 
 
 def is_distributed() -> bool:

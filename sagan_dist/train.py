@@ -8,7 +8,7 @@ for the new ranks, so that run is equivalent, not identical); DeepSpeed ZeRO 1/2
 its optimizer shards and refuses.
 
 A step reads nothing from the device: statistics stay there (step_stats.py) until a logging step,
-and stopping is agreed by an asynchronous all-reduce read a step later (dist.StopAgreement).
+and stopping is agreed by an asynchronous all-reduce read a step later (stopping.StopAgreement).
 """
 from __future__ import annotations
 
@@ -16,7 +16,6 @@ import argparse
 import gc
 import logging
 import math
-import signal
 import time
 from pathlib import Path
 from typing import Any, Callable, Optional, Protocol, Sequence
@@ -39,6 +38,7 @@ from sagan_dist.losses import get_losses
 from sagan_dist.models.sagan import attention_layers, build_models
 from sagan_dist.sample import grid_latents, latents, save_grid
 from sagan_dist.step_stats import StepStats
+from sagan_dist.stopping import StopAgreement, StopSignals
 from sagan_dist.tracking import Tracker, redacted_config
 
 log = logging.getLogger("sagan_dist.train")
@@ -65,26 +65,6 @@ class BatchStreamLike(Protocol):
 BatchSource = Callable[[int], BatchStreamLike]  # seed -> this rank's batch stream
 
 
-class StopSignals:
-    """SIGTERM and SIGINT (a scheduler, torchrun's process-group signal, Ctrl-C) request a stop."""
-
-    def __init__(self) -> None:
-        self.requested_at: Optional[float] = None
-
-    @property
-    def requested(self) -> bool:
-        return self.requested_at is not None
-
-    def install(self) -> "StopSignals":
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.requested_at is None:
-            self.requested_at = time.monotonic()
-
-
 class Trainer:
     def __init__(self, cfg: DictConfig, info: DistInfo, batch_source: Optional[BatchSource] = None,
                  stop: Optional[StopSignals] = None) -> None:
@@ -106,7 +86,7 @@ class Trainer:
         self.stopped, self._clock = False, time.monotonic()
         self.best_fid = math.inf
         self.stats = StepStats(info.device)
-        self.agreement = dist.StopAgreement()
+        self.agreement = StopAgreement()
         self.grid_z, self.grid_y = grid_latents(cfg, info.device)
         if info.is_main:
             checkpoint.clean_stale(self.run_dir)
