@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from sagan_dist import checkpoint
-from sagan_dist.config import DEEPSPEED_DTYPES, ConfigError, load
+from sagan_dist.config import ConfigError, load
+from sagan_dist.config_checks import DEEPSPEED_DTYPES
 from sagan_dist.dist import DistInfo
 from sagan_dist.engines.deepspeed import SAFE_CHECKPOINT_GLOBALS, TAG, deepspeed_config
 from sagan_dist.fsio import UnsafeFileError

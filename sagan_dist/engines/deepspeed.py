@@ -97,7 +97,7 @@ SAFE_GLOBAL_NAMES = frozenset(f"{c.__module__}.{c.__qualname__}" for c in SAFE_C
 def deepspeed_config(cfg: DictConfig, world_size: int, device: torch.device) -> dict[str, Any]:
     """The DeepSpeed config dict for this run: ours, then ``deepspeed.extra`` merged on top.
 
-    config.validate has already refused extra keys that would contradict ours (DEEPSPEED_DERIVED).
+    config_checks has already refused extra keys that would contradict ours (DEEPSPEED_DERIVED).
     """
     t = cfg.train
     ds: dict[str, Any] = {
