@@ -339,7 +339,7 @@ def table_rows(results: dict[Variant, dict], peaks: dict[str, float],
                      str(v.batch), f"{r['time']:.2f}", f"{r['wall']:.2f}",
                      f"{images / r['time']:.2f}", ratio("time"), mib(r["step_peak"]),
                      ratio("step_peak"), mib(r["process_peak"]),
-                     f"{r['flops'] / images / 1e9:.1f}", f"{rate / 1e9:.1f}",
+                     f"{r['flops'] / v.batch / 1e9:.1f}", f"{rate / 1e9:.1f}",
                      f"{rate / peaks[v.precision]:.2f}", str(r["host_reads"]), str(r["collectives"]),
                      mib(r["comm_bytes"])])
     return rows
