@@ -28,7 +28,7 @@ steps, warmup = int(sys.argv[1]), int(sys.argv[2])
 threads = dist.configure_threads()
 cfg = load(["demo"], ["tracking.enabled=false", "train.run_dir=/tmp/sagan-contention", "train.resume=never"])
 tr = Trainer(cfg, DistInfo(0, 1, 0, torch.device("cpu")))
-tr._start_segment()
+tr.start_segment()
 for _ in range(warmup):
     tr.train_step()
 t0 = time.perf_counter()

@@ -9,8 +9,9 @@ tensor on the host are counted instead, from Python, with a ``TorchFunctionMode`
 ``__bool__``, ``__float__``, ``__int__``, ``__index__``, ``tolist``, ``numpy``, and ``cpu`` or ``to``
 with a CPU target called from outside torch. Not counted on CPU: reads made inside C++ (none in
 our step's ops), moves to the CPU inside torch's Python code (device-generic, such as
-``clip_grad_norm_``'s ``.to(first_device)``), and reads from ``torch.optim``, which reads its step counters with ``.item()``: those live on the host on
-every device (not fused/capturable), so they do not synchronise a GPU either.
+``clip_grad_norm_``'s ``.to(first_device)``), and reads from ``torch.optim``, which reads its step
+counters with ``.item()``: those live on the host on every device (not fused/capturable), so they
+do not synchronise a GPU either.
 
 Collectives. ``torch.profiler`` records each gloo/NCCL collective as an event named
 ``gloo:<op>`` / ``nccl:<op>`` whose first input shape is the tensor's element count, including

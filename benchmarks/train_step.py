@@ -46,7 +46,7 @@ import json
 import os
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,8 +57,6 @@ from benchmarks.common import (count_flops, describe_machine, format_table, gemm
                                start_peak_rss)
 from benchmarks.counters import count_collectives, count_host_reads
 from sagan_dist import dist
-from sagan_dist import train as train_module
-from sagan_dist.acceleration import configure_backends, prepare_models
 from sagan_dist.config import load
 from sagan_dist.dist import DistInfo
 from sagan_dist.train import Trainer
@@ -148,14 +146,10 @@ def build_trainer(v: Variant, s: Setup, info: DistInfo, workdir: Path) -> Traine
     placeholder.touch()
     cfg = load(["demo"], overrides(v, s, workdir, placeholder, info.world_size),
                world_size=info.world_size)
-    configure_backends(info.device)
     micro = v.batch
     trainer = Trainer(cfg, info, batch_source=lambda seed: SyntheticStream(micro, v.resolution,
                                                                             s.classes, seed))
-    if not hasattr(train_module, "prepare_models"):
-        # Until the trainer applies the compute settings itself (sagan_dist/acceleration.py).
-        prepare_models(trainer.G.raw, trainer.D.raw, cfg, info.device)
-    trainer._start_segment()  # seeds latents exactly as training does, opens the batch stream
+    trainer.start_segment()  # seeds latents exactly as training does, opens the batch stream
     return trainer
 
 

@@ -71,6 +71,7 @@ class Trainer:
         self.cfg, self.info, t = cfg, info, cfg.train
         self.run_dir = Path(t.run_dir)
         self.stop = stop or StopSignals()
+        configure_backends(info.device)  # cuDNN autotuning, TF32 on CUDA; nothing on CPU
         self.micro_batch = t.batch_size // (info.world_size * t.accumulation)
         torch.manual_seed(t.seed)  # identical initial weights on every rank
         g, d = build_models(cfg)
@@ -182,7 +183,7 @@ class Trainer:
     # ---- the run ------------------------------------------------------------------------------
     def fit(self) -> None:
         t, started = self.cfg.train, self.step
-        self._start_segment()
+        self.start_segment()
         self._clock = time.monotonic()
         log.info("training from step %d to %d on %d process(es), engine %s, precision %s, micro-batch %d",
                  self.step, t.steps, self.info.world_size, self.cfg.engine, t.precision, self.micro_batch)
@@ -312,11 +313,13 @@ class Trainer:
             if self.cfg.tracking.log_checkpoints:
                 self.tracker.log_artifact(path, f"checkpoints/{path.name}")
             log.info("snapshot %s", path)
-        self._start_segment()
+        self.start_segment()
         return path
 
-    def _start_segment(self) -> None:
-        """Re-seed latents and data from (seed, rank, step): see the module docstring."""
+    def start_segment(self) -> None:
+        """Re-seed latents and open the batch stream for the current step, from (seed, rank, step):
+        see the module docstring. fit() and every snapshot call it; a caller driving train_step()
+        itself (a benchmark) calls it once first."""
         t, rank = self.cfg.train, self.info.rank
         self.latent_gen = torch.Generator(self.info.device).manual_seed(dist.rank_seed(t.seed, rank, self.step))
         torch.manual_seed(dist.rank_seed(t.seed + 1, rank, self.step))
@@ -376,7 +379,6 @@ def main(items: Sequence[str]) -> int:
     from sagan_dist.logs import setup_logging
 
     with dist.process_group(timeout_s=cfg.train.collective_timeout_s) as info:
-        configure_backends(info.device)
         setup_logging(info, Path(cfg.train.run_dir))
         if info.is_main:
             log.info("config:\n%s", OmegaConf.to_yaml(redacted_config(config.to_container(cfg))))

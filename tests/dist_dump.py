@@ -51,7 +51,7 @@ def nonfinite(out: Path, overrides: list[str], info: dist.DistInfo) -> None:
     cfg = config.load(["demo"], [*TINY, *overrides, f"train.run_dir={out / 'nonfinite'}", "train.steps=1"],
                       world_size=info.world_size)
     trainer = Trainer(cfg, info)
-    trainer._start_segment()
+    trainer.start_segment()
     D = trainer.D
     before = {k: p.detach().clone() for k, p in D.raw.named_parameters()}  # buffers: SN moves u, v
     x, y = trainer.data_stream.next_batch()

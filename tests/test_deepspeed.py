@@ -166,7 +166,7 @@ def test_a_bf16_step_is_the_ddp_engines_step(tmp_path):
     outputs, stats = [], []
     for engine in ("ddp", "deepspeed"):
         tr = _trainer(tmp_path / engine, f"engine={engine}", "train.precision=bf16")
-        tr._start_segment()
+        tr.start_segment()
         before = _outputs(tr)
         tr.train_step()
         outputs.append(_outputs(tr))
@@ -186,7 +186,7 @@ def test_bf16_weights_through_extra_train_with_bf16_parameters(tmp_path):
                   "deepspeed.extra={torch_autocast: {enabled: false}, bf16: {enabled: true}}")
     assert {p.dtype for p in tr.G.raw.parameters()} == {torch.bfloat16}
     assert tr.G.raw.out_bn.running_var.dtype == torch.bfloat16
-    tr._start_segment()
+    tr.start_segment()
     before = _params(tr.G.raw)
     tr.train_step()
     means, skipped, _ = tr.stats.read()
@@ -204,7 +204,7 @@ def test_a_step_returns_device_tensors_and_syncs_the_floating_buffers(tmp_path, 
     for engine in (tr.G, tr.D):
         floating = [b for b in engine.raw.buffers() if b.is_floating_point()]
         assert [id(t) for t in engine._stats] == [id(t) for t in floating] and floating
-    tr._start_segment()
+    tr.start_segment()
     x, y = tr.next_batches()[0]
     tr.D.zero_grad()
     with tr.D.accumulating(last=True):
@@ -220,7 +220,7 @@ def test_non_finite_gradients_skip_the_update(tmp_path, stage):
     tr = _trainer(tmp_path, *DS, f"deepspeed.zero_stage={stage}")
     with torch.no_grad():
         tr.D.raw.linear.parametrizations.weight.original.fill_(float("nan"))
-    tr._start_segment()
+    tr.start_segment()
     d_before, g_before = _params(tr.D.raw), _params(tr.G.raw)
     tr.train_step()
     means, skipped, _ = tr.stats.read()
@@ -238,7 +238,7 @@ def test_fp16_overflow_is_a_skipped_step_and_lowers_the_loss_scale(tmp_path):
     tr = _trainer(tmp_path, *DS, "train.precision=fp16",
                   "deepspeed.extra={fp16: {initial_scale_power: 40, hysteresis: 1}}")
     assert next(tr.D.raw.parameters()).dtype == torch.float16
-    tr._start_segment()
+    tr.start_segment()
     before = _params(tr.D.raw)
     loss, real, fake, grad_norm = tr._d_step(tr.next_batches()[:1]).tolist()
     assert tr.stats.read()[1] == 1 and grad_norm == float("inf")
@@ -279,7 +279,7 @@ def test_checkpoints_round_trip_weights_only(tmp_path, stage, precision, extra):
     bitwise (the same bytes copied back), through the weights-only loader, for every ZeRO stage."""
     overrides = (*DS, f"deepspeed.zero_stage={stage}", f"train.precision={precision}", *extra)
     trained = _trainer(tmp_path / "a", *overrides)
-    trained._start_segment()
+    trained.start_segment()
     trained.train_step()
     for net in ("G", "D"):
         getattr(trained, net).save(tmp_path / "snap" / net)

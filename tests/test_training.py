@@ -27,7 +27,7 @@ def _params(module):
 
 def test_one_step_changes_d_g_and_ema_as_expected(tmp_path):
     tr = _trainer(tmp_path, "train.steps=1")
-    tr._start_segment()
+    tr.start_segment()
     g0, d0, ema0 = _params(tr.G.raw), _params(tr.D.raw), _params(tr.ema.model)
     tr.train_step()
     stats, skipped, _ = tr.stats.read()
@@ -121,7 +121,7 @@ def test_non_finite_updates_are_skipped_then_stop_the_run(tmp_path):
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_mixed_precision_steps_train_on_cpu(tmp_path, precision):
     tr = _trainer(tmp_path, "train.steps=4", f"train.precision={precision}")
-    tr._start_segment()
+    tr.start_segment()
     g0 = _params(tr.G.raw)
     for _ in range(4):
         tr.train_step()
