@@ -157,10 +157,14 @@ def _run_local(args: argparse.Namespace) -> int:
     max_restarts = args.max_restarts if args.max_restarts is not None else (3 if elastic else 0)
     local.torchrun_command(args.nproc, rdzv, args.items, max_restarts, args.grace_period)  # refuses bad options first
     cfg = load_for_nodes(args.items, range(low, high + 1), args.nproc)
-    if elastic and not args.rdzv_id:
-        rdzv = dataclasses.replace(rdzv, rdzv_id=local.default_rdzv_id(str(cfg.train.run_dir)))
+    if elastic:
+        local_addr, store_host = network.rendezvous_address(local.split_master(args.master)[0])
+        rdzv = dataclasses.replace(rdzv, rdzv_id=args.rdzv_id or local.default_rdzv_id(str(cfg.train.run_dir)),
+                                   local_addr=local_addr, store_host=store_host)
     cmd = local.torchrun_command(args.nproc, rdzv, args.items, max_restarts, args.grace_period)
     env = network.socket_env(local.split_master(args.master)[0], args.iface) if rdzv.multi_node else {}
+    if elastic:
+        env.update(local.ELASTIC_ENV)
     return _start(cmd, args.print_command, env)
 
 

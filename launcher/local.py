@@ -34,6 +34,8 @@ class Rendezvous:
     master: str = ""  # ADDR:PORT of node 0, or of the c10d store when elastic
     elastic: bool = False  # --nnodes MIN:MAX
     rdzv_id: str = ""  # elastic: the job's id, the same on every node
+    local_addr: str = ""  # elastic: the address other nodes reach this one at ("" on loopback: torchrun's guess)
+    store_host: bool = False  # elastic: this node holds the master's address, so it hosts the c10d store
 
     @property
     def multi_node(self) -> bool:
@@ -47,10 +49,22 @@ class Rendezvous:
         if self.elastic:
             # c10d: the node whose address is the endpoint hosts the store; ranks are assigned at
             # each rendezvous, so nodes may leave and (re)join between MIN and MAX.
+            # --local-addr and is_host are given because torchrun would guess them from the host name,
+            # which /etc/hosts often maps to 127.0.x.1: no node would host the store, and the workers
+            # would be pointed at a loopback address.
             return [f"--nnodes={self.min_nodes}:{self.max_nodes}", "--rdzv-backend=c10d",
-                    f"--rdzv-endpoint={_join_host_port(addr, port)}", f"--rdzv-id={self.rdzv_id}"]
+                    f"--rdzv-endpoint={_join_host_port(addr, port)}", f"--rdzv-id={self.rdzv_id}",
+                    *([f"--local-addr={self.local_addr}"] if self.local_addr else []),
+                    *(["--rdzv-conf=is_host=true"] if self.store_host else [])]
         return [f"--nnodes={self.max_nodes}", f"--node-rank={self.node_rank or 0}",
                 f"--master-addr={addr}", f"--master-port={port}"]
+
+
+# Elastic runs: each rendezvous round's rank-0 node publishes a fresh address and port for the
+# trainers' store, instead of torchrun's one store shared by every round. With the shared one a node
+# that joins a later round waits forever for an address nobody republishes, and a restarted trainer
+# can read the previous round's keys (pytorch/pytorch#135712).
+ELASTIC_ENV = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
 
 
 def parse_nnodes(text: str) -> tuple[int, int, bool]:

@@ -77,6 +77,21 @@ def choose_interface(master_host: str) -> Interface:
     return Interface(interface_holding(source), source)
 
 
+def rendezvous_address(master_host: str) -> tuple[str, bool]:
+    """For torchrun's c10d rendezvous: the address the other nodes reach this one at (its
+    ``--local-addr``) and whether this node holds the master's address (then it hosts the store).
+
+    torchrun guesses both from the host name: with the usual 127.0.x.1 in /etc/hosts no node
+    thinks it is the store's host and every worker is pointed at a loopback address. For a
+    master on loopback (all nodes on one host) the guesses are right: ("", False).
+    """
+    master = ipaddress.ip_address(resolve(master_host))
+    if master.is_loopback:
+        return "", False
+    source = source_address(str(master))
+    return source, ipaddress.ip_address(source) == master
+
+
 def check_interface(name: str) -> str:
     if name not in psutil.net_if_addrs():
         known = ", ".join(sorted(psutil.net_if_addrs()))
