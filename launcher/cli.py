@@ -157,6 +157,11 @@ def _run_local(args: argparse.Namespace) -> int:
     max_restarts = args.max_restarts if args.max_restarts is not None else (3 if elastic else 0)
     local.torchrun_command(args.nproc, rdzv, args.items, max_restarts, args.grace_period)  # refuses bad options first
     cfg = load_for_nodes(args.items, range(low, high + 1), args.nproc)
+    if rdzv.multi_node and max_restarts > 0 and not elastic:
+        # torchrun's static rendezvous keeps one store for every restart: the node that restarts first
+        # reads the failed round's addresses and burns its restarts. The c10d rendezvous meets anew each
+        # round, so restarts go through it, as an elastic run of exactly N nodes (ranks by address).
+        rdzv, elastic = dataclasses.replace(rdzv, elastic=True, node_rank=None), True
     if elastic:
         local_addr, store_host = network.rendezvous_address(local.split_master(args.master)[0])
         rdzv = dataclasses.replace(rdzv, rdzv_id=args.rdzv_id or local.default_rdzv_id(str(cfg.train.run_dir)),

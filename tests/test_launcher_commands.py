@@ -29,11 +29,16 @@ def test_items_may_follow_the_options_in_any_order(capsys):
 
 
 def test_local_multi_node_uses_static_rendezvous_on_node_zero(capsys):
-    cmd = printed_command(capsys, "local", "--nproc", "4", "--nnodes", "2", "--node-rank", "1",
-                          "--master", "127.0.0.2:29501", "--max-restarts", "2", "--iface", "lo", "demo")
+    args = ["local", "--nproc", "4", "--nnodes", "2", "--node-rank", "1", "--master", "127.0.0.2:29501",
+            "--iface", "lo", "demo"]
+    cmd = printed_command(capsys, *args)
     assert cmd[:2] == ["GLOO_SOCKET_IFNAME=lo", "NCCL_SOCKET_IFNAME=lo"]
     assert cmd[5:11] == ["--nnodes=2", "--node-rank=1", "--master-addr=127.0.0.2", "--master-port=29501",
-                         "--nproc-per-node=4", "--max-restarts=2"]
+                         "--nproc-per-node=4", "--max-restarts=0"]
+    # With restarts, c10d: the static rendezvous reuses the failed round's store keys.
+    cmd = printed_command(capsys, *args, "--max-restarts", "2")
+    assert "--nnodes=2:2" in cmd and "--rdzv-backend=c10d" in cmd and "--max-restarts=2" in cmd
+    assert not any(f.startswith(("--node-rank", "--master-addr")) for f in cmd)
 
 
 @pytest.mark.parametrize("args, message", [
