@@ -24,6 +24,10 @@ API::
 but every packet to or from it is lost, as with a pulled cable or a dead switch port (TCP peers
 see timeouts, not resets). ``partition(a, b)`` cuts several hosts at once.
 
+``network(n, etc_hosts=DEBIAN_HOSTS)`` gives every host its own /etc/hosts (``ip netns exec``
+bind-mounts ``/etc/netns/<name>/hosts`` over it): with DEBIAN_HOSTS the host name resolves to
+127.0.1.1, as on a stock Debian/Ubuntu machine, whatever this machine's /etc/hosts says.
+
 Cleanup always happens, also when the test fails: processes still running in the hosts are
 killed (by pid, from ``ip netns pids``), then the namespaces are deleted, which deletes their
 links. Names carry the pid and a counter, so parallel test runs never collide.
@@ -34,10 +38,12 @@ without veth/bridge) the fixture skips the test and says why; it never passes si
 from __future__ import annotations
 
 import contextlib
+import glob
 import itertools
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import time
 from dataclasses import dataclass
@@ -47,6 +53,9 @@ import pytest
 
 SUBNET = "10.77.0"
 IFACE = "eth0"
+ETC_NETNS = "/etc/netns"  # where `ip netns exec` looks for a namespace's own /etc files
+# The /etc/hosts of a stock Debian/Ubuntu install: the host name is a loopback address.
+DEBIAN_HOSTS = "127.0.0.1\tlocalhost\n127.0.1.1\t{hostname}\n"
 _counter = itertools.count()
 
 
@@ -107,6 +116,13 @@ def unavailable_reason() -> str:
     return ""
 
 
+def _write_etc_hosts(host: Host, text: str) -> None:
+    folder = os.path.join(ETC_NETNS, host.name)
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "hosts"), "w", encoding="ascii") as f:
+        f.write(text.format(hostname=socket.gethostname()))
+
+
 def _create(prefix: str, n: int) -> list[Host]:
     """Build the switch and n hosts; on any failure the caller's cleanup removes what exists."""
     switch = f"{prefix}-sw"
@@ -145,18 +161,27 @@ def _destroy(prefix: str) -> None:
         if name.startswith(f"{prefix}-"):
             _kill_processes(name)
             ip("netns", "del", name, check=False)
+    for folder in glob.glob(os.path.join(ETC_NETNS, f"{prefix}-*")):
+        shutil.rmtree(folder, ignore_errors=True)
+    with contextlib.suppress(OSError):
+        os.rmdir(ETC_NETNS)  # only if no other run's hosts are in it
 
 
 @contextlib.contextmanager
-def network(n: int = 2) -> Iterator[list[Host]]:
-    """N hosts on one switch; raises NetnsUnavailable when they cannot be made here."""
+def network(n: int = 2, etc_hosts: str | None = None) -> Iterator[list[Host]]:
+    """N hosts on one switch; raises NetnsUnavailable when they cannot be made here.
+
+    ``etc_hosts``: each host's own /etc/hosts (``{hostname}`` is filled in), e.g. DEBIAN_HOSTS.
+    """
     if reason := unavailable_reason():
         raise NetnsUnavailable(reason)
     prefix = f"sg{os.getpid()}x{next(_counter)}"
     try:
         try:
             hosts = _create(prefix, n)
-        except RuntimeError as e:
+            for host in hosts if etc_hosts is not None else []:
+                _write_etc_hosts(host, etc_hosts)
+        except (RuntimeError, OSError) as e:
             raise NetnsUnavailable(f"cannot build the test network: {e}") from None
         yield hosts
     finally:
