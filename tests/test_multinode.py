@@ -210,9 +210,10 @@ def test_a_lost_node_heals_with_a_restart_that_resumes_from_the_last_snapshot(ne
 
 @pytest.mark.timeout(400)
 def test_elastic_two_one_two_nodes_keeps_the_global_batch_and_the_step_count(net, tmp_path):
-    steps = 60
+    # Enough steps that node 0 alone (~0.16 s a step here) cannot finish before node 1 is back (~8 s).
+    steps = 150
     run_dir, (h1, h2) = tmp_path / "run", net
-    args = ("train.checkpoint_every=5", "train.collective_timeout_s=20", f"train.steps={steps}")
+    args = ("train.checkpoint_every=10", "train.collective_timeout_s=20", f"train.steps={steps}")
     first = Node(h1, tmp_path / "node0.log", "1:2", None, run_dir, *args)
     second = Node(h2, tmp_path / "node1.log", "1:2", None, run_dir, *args)
     wait_for([first, second], r"step 8/", 240)
