@@ -85,6 +85,7 @@ class Trainer:
         self.d_loss, self.g_loss = get_losses(t.loss)
         self.step, self.images_seen, self.skipped_steps, self.process_seconds = 0, 0, 0, 0.0
         self.stopped, self._clock = False, time.monotonic()
+        self._saved_step = -1  # the step of the last step-N snapshot this process wrote
         self.best_fid = math.inf
         self.stats = StepStats(info.device)
         self.agreement = StopAgreement()
@@ -217,15 +218,16 @@ class Trainer:
             self.step += 1
             self._periodic(started)
             stopping = self.agreement.poll(self.stop.requested)
-            if self.step == t.steps or (stopping and self.step > started):
+            if (self.step == t.steps or stopping) and self._unsaved():
                 self.save()
         self.agreement.now(stopping)  # settles the last asynchronous round on every rank
-        if stopping and self.step > started and not self._saved_at_step():
+        if stopping and self.step > started and self._unsaved():
             self.save()
         return stopping
 
-    def _saved_at_step(self) -> bool:
-        return (checkpoint.checkpoints_dir(self.run_dir) / f"step-{self.step:08d}").is_dir()
+    def _unsaved(self) -> bool:
+        """Whether the current step has no snapshot yet (one written by _periodic just now counts)."""
+        return self._saved_step != self.step
 
     def _periodic(self, started: int) -> None:
         t, s = self.cfg.train, self.step
@@ -309,6 +311,8 @@ class Trainer:
                  "rng": {"torch": torch.get_rng_state()}}
         path = checkpoint.save(self.run_dir, self.step, state, {"G": self.G, "D": self.D},
                                self.cfg.train.keep_checkpoints, self.info.is_main, name)
+        if name is None:
+            self._saved_step = self.step
         if self.info.is_main:
             if self.cfg.tracking.log_checkpoints:
                 self.tracker.log_artifact(path, f"checkpoints/{path.name}")
