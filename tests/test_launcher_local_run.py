@@ -70,7 +70,7 @@ def test_sigterm_snapshots_within_30_s_and_the_next_run_resumes_there(tmp_path):
     (snapshot,) = snapshots(run_dir)
     step = int(snapshot.removeprefix("step-"))
     assert step >= 3, output(run_dir)
-    assert f"SIGTERM: writing a snapshot at step {step}" in (run_dir / "train.log").read_text()
+    assert f"stop requested: wrote the snapshot of step {step}" in (run_dir / "train.log").read_text()
 
     again = launch(run_dir, f"train.steps={step + 1}", *quiet)
     assert again.wait(timeout=240) == 0, output(run_dir)
