@@ -11,41 +11,15 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
-from PIL import Image
 
+from tracking_helpers import MAIN, artifact_paths, make_cfg, steps_of, write_png
 from mlflow_server import mlflow_server, server  # noqa: F401 (fixtures)
 from sagan_dist import cli, config
 from sagan_dist.dist import DistInfo
 from sagan_dist.tracking import PENDING, Journal, Tracker, tracking_uri
-
-MAIN = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
-
-
-def make_cfg(uri: str, run_dir: Path, experiment: str = "test", *overrides: str):
-    uri_override = [f"tracking.uri={uri}"] if uri else []
-    return config.load(["demo"], [*uri_override, f"tracking.experiment={experiment}",
-                                  f"train.run_dir={run_dir}", *overrides])
-
-
-def write_png(path: Path, value: int) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(np.full((8, 16, 3), value, np.uint8)).save(path)
-    return path
-
-
-def steps_of(client: MlflowClient, run_id: str, key: str) -> list[int]:
-    return sorted(m.step for m in client.get_metric_history(run_id, key))
-
-
-def artifact_paths(client: MlflowClient, run_id: str, path: str | None = None) -> list[str]:
-    out = []
-    for a in client.list_artifacts(run_id, path):
-        out += artifact_paths(client, run_id, a.path) if a.is_dir else [a.path]
-    return out
 
 
 def test_params_metrics_images_and_run_id_are_read_back(server, tmp_path):

@@ -11,21 +11,13 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 from mlflow.tracking import MlflowClient
 
+from tracking_helpers import MAIN, make_cfg
 from mlflow_server import mlflow_server, server  # noqa: F401 (fixtures)
-from sagan_dist import cli, config
-from sagan_dist.dist import DistInfo
+from sagan_dist import cli
 from sagan_dist.fsio import UnsafeFileError
 from sagan_dist.tracking import Journal, Tracker, redact_uri, redacted_config
-
-MAIN = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
-
-
-def make_cfg(uri: str, run_dir: Path, experiment: str, *overrides: str):
-    return config.load(["demo"], [f"tracking.uri={uri}", f"tracking.experiment={experiment}",
-                                  f"train.run_dir={run_dir}", *overrides])
 
 
 def plant(link: Path, target: Path) -> None:
