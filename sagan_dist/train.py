@@ -216,7 +216,7 @@ class Trainer:
                 break
             self.train_step(batches)
             self.step += 1
-            self._periodic(started)
+            self._periodic()
             stopping = self.agreement.poll(self.stop.requested)
             if (self.step == t.steps or stopping) and self._unsaved():
                 self.save()
@@ -229,7 +229,7 @@ class Trainer:
         """Whether the current step has no snapshot yet (one written by _periodic just now counts)."""
         return self._saved_step != self.step
 
-    def _periodic(self, started: int) -> None:
+    def _periodic(self) -> None:
         t, s = self.cfg.train, self.step
         if s % t.log_every == 0 or s == t.steps:
             self._log_progress()
