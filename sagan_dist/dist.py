@@ -136,13 +136,12 @@ def check_advertised_address(backend: str) -> None:
 def usable_cpus() -> int:
     """CPUs this process may really use: its affinity mask, capped by a cgroup CPU quota."""
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    for path in ("/sys/fs/cgroup/cpu.max",):  # cgroup v2; "max 100000" means no quota
-        try:
-            quota, period = open(path, encoding="ascii").read().split()[:2]
-        except (OSError, ValueError):
-            continue
+    try:  # cgroup v2; "max 100000" means no quota
+        quota, period = open("/sys/fs/cgroup/cpu.max", encoding="ascii").read().split()[:2]
         if quota != "max":
             cpus = min(cpus, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
     try:  # cgroup v1
         quota_us = int(open("/sys/fs/cgroup/cpu/cpu.cfs_quota_us", encoding="ascii").read())
         period_us = int(open("/sys/fs/cgroup/cpu/cpu.cfs_period_us", encoding="ascii").read())

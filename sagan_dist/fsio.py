@@ -92,7 +92,7 @@ def save_torch(obj: Any, path: str | os.PathLike) -> Path:
 
 
 def open_append(path: str | os.PathLike, binary: bool = True) -> IO:
-    """Open a log or journal for appending; refuses (OSError ELOOP) to follow a symlink there."""
+    """Open a log or journal for appending; a symlink there raises UnsafeFileError (O_NOFOLLOW)."""
     path = Path(path)
     try:
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
