@@ -17,14 +17,14 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-RESOLUTIONS = (32, 64, 128, 256, 512)
+from sagan_dist.config_base import RESOLUTIONS, ConfigError, feature_resolutions
+from sagan_dist.config_checks import validate as _check_values
+
+__all__ = ["RESOLUTIONS", "ConfigError", "feature_resolutions"]  # re-exported: imported from here elsewhere
+
 # configs/ is installed as the package sagan_dist.configs; in a source tree it sits beside it.
 _HERE = Path(__file__).resolve().parent
 CONFIG_DIR = _HERE / "configs" if (_HERE / "configs").is_dir() else _HERE.parent / "configs"
-
-
-class ConfigError(ValueError):
-    """A configuration value is missing, unknown, of the wrong type or impossible."""
 
 
 @dataclass
@@ -120,18 +120,8 @@ class DeepSpeedConfig:
     # Any other DeepSpeed key, merged over the generated config (engines/deepspeed.py), e.g.
     # {zero_optimization: {overlap_comm: true}} or {fp16: {initial_scale_power: 12}}. bf16 runs
     # under torch_autocast (fp32 weights); {torch_autocast: {enabled: false}, bf16: {enabled: true}}
-    # casts the weights to bf16 instead. Keys derived from train.* are refused (DEEPSPEED_DERIVED).
+    # casts the weights to bf16 instead. Keys derived from train.* are refused (config_checks.DEEPSPEED_DERIVED).
     extra: dict[str, Any] = field(default_factory=dict)
-
-
-# DeepSpeed keys that engines/deepspeed.py derives from our config, and where to set them instead.
-DEEPSPEED_DERIVED = {
-    "train_batch_size": "train.batch_size",
-    "train_micro_batch_size_per_gpu": "train.batch_size (split over ranks and train.accumulation)",
-    "gradient_accumulation_steps": "train.accumulation",
-    "gradient_clipping": "train.grad_clip",
-    "optimizer": "train.lr_g, train.lr_d and train.betas (the optimizer is torch's Adam)",
-}
 
 
 @dataclass
@@ -214,6 +204,7 @@ def load(
                 raise ConfigError(f"override {bad[0]!r} is not of the form key=value")
             for override in overrides:
                 cfg = OmegaConf.merge(cfg, _parse_override(override))
+        OmegaConf.resolve(cfg)  # ${oc.env:...} and ${a.b}: fail here, naming the key, not at first use
     except OmegaConfBaseException as e:
         raise ConfigError(_omegaconf_message(e)) from None
     validate(cfg, world_size)
@@ -267,6 +258,7 @@ def from_container(data: dict[str, Any], world_size: int = 1) -> DictConfig:
     """Rebuild a validated config from a plain dict (as stored in a checkpoint)."""
     try:
         cfg = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(data))
+        OmegaConf.resolve(cfg)
     except OmegaConfBaseException as e:
         raise ConfigError(_omegaconf_message(e)) from None
     validate(cfg, world_size)
@@ -292,11 +284,4 @@ def _omegaconf_message(e: OmegaConfBaseException) -> str:
 
 def validate(cfg: DictConfig, world_size: int = 1) -> None:
     """Check what types cannot (config_checks.py); raises ConfigError naming the key."""
-    from sagan_dist.config_checks import validate as check  # imported here: it imports this module
-
-    check(cfg, world_size)
-
-
-def feature_resolutions(resolution: int) -> list[int]:
-    """Feature-map resolutions a model of this size has (4 .. resolution)."""
-    return [2**i for i in range(2, resolution.bit_length())]
+    _check_values(cfg, world_size)

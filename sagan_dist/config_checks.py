@@ -5,12 +5,28 @@ Every check raises ConfigError naming the key, its value and what is allowed.
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
-from sagan_dist.config import DEEPSPEED_DERIVED, RESOLUTIONS, ConfigError, feature_resolutions
+from sagan_dist.config_base import DEFAULT_ATTENTION, RESOLUTIONS, ConfigError, feature_resolutions
+
+# Classes get rows in G's conditional-BN tables and D's projection (~13k floats per class at 512 px,
+# ch=64): 100k classes (ImageNet-21k has 21,841) already hold ~5 GB of weights, ~25 GB with grads,
+# Adam's moments and the EMA. Beyond that the allocator fails inside model construction.
+MAX_CLASSES = 100_000
+
+
+# DeepSpeed keys that engines/deepspeed.py derives from our config, and where to set them instead.
+DEEPSPEED_DERIVED = {
+    "train_batch_size": "train.batch_size",
+    "train_micro_batch_size_per_gpu": "train.batch_size (split over ranks and train.accumulation)",
+    "gradient_accumulation_steps": "train.accumulation",
+    "gradient_clipping": "train.grad_clip",
+    "optimizer": "train.lr_g, train.lr_d and train.betas (the optimizer is torch's Adam)",
+}
 
 
 def _check(ok: bool, key: str, value: Any, allowed: str) -> None:
@@ -45,7 +61,7 @@ def validate(cfg: DictConfig, world_size: int = 1) -> None:
     _choice(cfg, "data.source", ("digits", "shards"))
     _check(d.source != "shards" or bool(d.shards), "data.shards", d.shards,
            "a shard pattern such as /data/imagenet/train-{000000..001023}.tar")
-    _check(d.num_classes >= 1, "data.num_classes", d.num_classes, ">= 1")
+    _check(1 <= d.num_classes <= MAX_CLASSES, "data.num_classes", d.num_classes, f"1 .. {MAX_CLASSES}")
     _choice(cfg, "data.decode", ("draft", "full"))
     _choice(cfg, "data.crop", ("center", "random"))
     _check(0 < d.min_scale <= 1, "data.min_scale", d.min_scale, "0 < min_scale <= 1")
@@ -60,8 +76,9 @@ def validate(cfg: DictConfig, world_size: int = 1) -> None:
                 "train.keep_checkpoints", "train.samples_per_class", "train.max_bad_steps",
                 "train.collective_timeout_s"):
         _positive(cfg, key)
-    for key in ("train.lr_g", "train.lr_d"):
-        _check(OmegaConf.select(cfg, key) > 0, key, OmegaConf.select(cfg, key), "a learning rate > 0")
+    for key in ("train.lr_g", "train.lr_d"):  # inf passes "> 0" and fills the weights with nan
+        lr = OmegaConf.select(cfg, key)
+        _check(math.isfinite(lr) and lr > 0, key, lr, "a finite learning rate > 0")
     _check(len(t.betas) == 2 and all(0 <= b < 1 for b in t.betas), "train.betas", list(t.betas),
            "two floats in [0, 1), e.g. [0.0, 0.9]")
     _choice(cfg, "train.loss", ("hinge", "nonsat"))
@@ -69,6 +86,7 @@ def validate(cfg: DictConfig, world_size: int = 1) -> None:
     for key in ("train.ema_start", "train.ema_kimg", "train.ema_rampup", "train.grad_clip", "train.attention_points",
                 "train.truncation", "train.sample_classes"):
         _positive(cfg, key, strict=False)
+    _check_attention_points(t.attention_points, m)
     shards = world_size * t.accumulation
     _check(t.batch_size % shards == 0, "train.batch_size", t.batch_size,
            f"a multiple of world size x train.accumulation = {world_size} x {t.accumulation} = {shards}")
@@ -98,6 +116,15 @@ def validate(cfg: DictConfig, world_size: int = 1) -> None:
     _check("isc" not in e.metrics or e.isc_splits <= e.num_samples, "eval.isc_splits", e.isc_splits,
            f"<= eval.num_samples = {e.num_samples} (each split needs samples)")
     _check(e.kid_subset_size >= 2, "eval.kid_subset_size", e.kid_subset_size, ">= 2")
+
+
+def _check_attention_points(points: int, model: DictConfig) -> None:
+    """Query points are distinct positions of each G attention layer's map: at most the smallest's."""
+    layers = DEFAULT_ATTENTION[model.resolution] if model.g_attention is None else list(model.g_attention)
+    if points and layers:
+        size = min(layers)
+        _check(points <= size * size, "train.attention_points", points,
+               f"0 (off) .. {size * size} (positions of G's smallest attention map, {size}x{size})")
 
 
 def _validate_deepspeed_extra(cfg: DictConfig) -> None:

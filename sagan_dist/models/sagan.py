@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sagan_dist.config_base import DEFAULT_ATTENTION  # one table: the config checks bound by it too
 from sagan_dist.models.attention import SelfAttention
 from sagan_dist.models.layers import ConditionalBatchNorm2d, DBlock, GBlock, sn_conv, sn_embedding, sn_linear
 
@@ -21,7 +22,6 @@ G_WIDTHS = {32: [4, 4, 4, 4], 64: [16, 16, 8, 4, 2], 128: [16, 16, 8, 4, 2, 1],
 # Multipliers of D's block outputs; every block halves the map except the last one.
 D_WIDTHS = {32: [4, 4, 4, 4], 64: [1, 2, 4, 8, 16], 128: [1, 2, 4, 8, 16, 16],
             256: [1, 2, 4, 8, 8, 16, 16], 512: [1, 1, 2, 4, 8, 8, 16, 16]}
-DEFAULT_ATTENTION = {32: [16], 64: [32], 128: [32], 256: [64], 512: [64]}
 
 
 def default_attention(resolution: int) -> list[int]:
