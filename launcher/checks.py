@@ -7,6 +7,7 @@ one of them fails here, naming that size, instead of hours later when a node is 
 from __future__ import annotations
 
 import argparse
+import re
 from typing import Callable, Sequence
 
 import yaml
@@ -38,6 +39,29 @@ def port_or_zero(text: str) -> int:
     if value > 65535:
         raise argparse.ArgumentTypeError(f"must be a port in 1..65535 (or 0: a free one), got {value}")
     return value
+
+
+# Kubernetes object names (RFC 1123): a namespace is a DNS label, a PVC a DNS subdomain.
+_LABEL = r"[a-z0-9]([-a-z0-9]*[a-z0-9])?"
+DNS_LABEL_RE = re.compile(rf"^{_LABEL}$")
+DNS_SUBDOMAIN_RE = re.compile(rf"^{_LABEL}(\.{_LABEL})*$")
+
+
+def namespace_name(text: str) -> str:
+    """An argparse type: a Kubernetes namespace (kubectl would refuse it only after the config work)."""
+    if len(text) > 63 or not DNS_LABEL_RE.match(text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a Kubernetes namespace: lower-case letters, digits "
+                                         "and '-', starting and ending with a letter or digit, at most 63")
+    return text
+
+
+def claim_name(text: str) -> str:
+    """An argparse type: a PersistentVolumeClaim name (a DNS subdomain)."""
+    if len(text) > 253 or not DNS_SUBDOMAIN_RE.match(text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a PersistentVolumeClaim name: lower-case letters, "
+                                         "digits, '-' and '.', starting and ending with a letter or digit, "
+                                         "at most 253")
+    return text
 
 
 def load_for_nodes(items: Sequence[str], node_counts: Sequence[int], procs: int,

@@ -20,7 +20,7 @@ from omegaconf import DictConfig
 from sagan_dist.config import ConfigError, split_items
 
 from launcher import LauncherError, k8s, kube, local, network
-from launcher.checks import int_at_least, load_for_nodes, port_or_zero
+from launcher.checks import claim_name, int_at_least, load_for_nodes, namespace_name, port_or_zero
 from launcher.manifests import FLAVORS
 
 ITEMS_HELP = ("YAML configs (paths, or shipped names: demo, imagenet128, imagenet256) and key=value "
@@ -98,9 +98,12 @@ def _k8s_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--shm-size", type=int_at_least(0), default=0, metavar="GIB",
                    help="/dev/shm size (0, the default: a quarter of the memory)")
     p.add_argument("--name", default="", help="run name; default sagan-<config>, so a resubmission resumes the run")
-    p.add_argument("--namespace", default=None, help="namespace (default: kubectl's current one)")
-    p.add_argument("--runs-claim", default="sagan-runs", help="PVC for run directories (snapshots, samples)")
-    p.add_argument("--data-claim", default="sagan-data", help="PVC with the shards, mounted read-only at /data")
+    p.add_argument("--namespace", type=namespace_name, default=None,
+                   help="namespace (default: kubectl's current one)")
+    p.add_argument("--runs-claim", type=claim_name, default="sagan-runs",
+                   help="PVC for run directories (snapshots, samples)")
+    p.add_argument("--data-claim", type=claim_name, default="sagan-data",
+                   help="PVC with the shards, mounted read-only at /data")
     p.add_argument("--tracking-uri", default="http://sagan-mlflow:5000", help="MLflow server the pods report to")
     p.add_argument("--grace-period", type=int_at_least(30), default=120,
                    help="seconds from SIGTERM to SIGKILL (snapshot time; >= 30)")
@@ -120,7 +123,8 @@ def _run_parsers(sub: argparse._SubParsersAction) -> None:
     for command, (text, func) in helps.items():
         p = sub.add_parser(command, help=text, description=text)
         p.add_argument("name", help="run name (as given to, or printed by, sagan-launch k8s)")
-        p.add_argument("--namespace", default=None, help="namespace (default: kubectl's current one)")
+        p.add_argument("--namespace", type=namespace_name, default=None,
+                       help="namespace (default: kubectl's current one)")
         if command == "logs":
             p.add_argument("-f", "--follow", action="store_true", help="stream new lines")
             p.add_argument("--tail", type=int, default=100, help="lines per pod (-1: all)")

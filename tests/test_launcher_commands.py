@@ -218,3 +218,35 @@ def test_deepspeed_single_host_passes_items_unquoted(capsys, tmp_path):
     hostfile.write_text("localhost slots=1\n")
     cmd = printed_command(capsys, "deepspeed", "--hostfile", str(hostfile), "demo", "train.run_dir=/runs/a b;id")
     assert cmd[-1] == "train.run_dir=/runs/a b;id"  # the runner execs an argument list: no shell
+
+
+# ---- Kubernetes names: refused by the launcher before any config work ------------------------------
+@pytest.mark.parametrize("command", [["k8s", "demo", "--image", "r/i:1", "--dry-run"], ["status", "run"],
+                                     ["logs", "run"], ["delete", "run"]])
+@pytest.mark.parametrize("namespace", ["x y", "Team", "-a", "a-", "a.b", "a_b", "", "a" * 64])
+def test_a_namespace_kubernetes_would_refuse_is_refused_naming_the_flag(capsys, command, namespace):
+    with pytest.raises(SystemExit) as exit_info:
+        main([*command, f"--namespace={namespace}"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "argument --namespace" in err and repr(namespace) in err and "at most 63" in err
+
+
+@pytest.mark.parametrize("namespace", ["a", "0", "team-1", "a" * 63])
+def test_valid_namespaces_reach_the_manifests(capsys, namespace):
+    assert main(["k8s", "demo", "--image", "r/i:1", "--dry-run", "--namespace", namespace]) == 0
+    import yaml
+
+    docs = list(yaml.safe_load_all(capsys.readouterr().out))
+    assert docs and all(d["metadata"]["namespace"] == namespace for d in docs)
+
+
+@pytest.mark.parametrize("flag", ["--runs-claim", "--data-claim"])
+def test_claim_names_follow_the_dns_subdomain_rule(capsys, flag):
+    for good in ("a", "runs.v2", "a" * 253):
+        assert main(["k8s", "demo", "--image", "r/i:1", "--dry-run", flag, good]) == 0
+        assert f"claimName: {good}\n" in capsys.readouterr().out
+    for bad in ("x y", "Runs", "a..b", ".a", "a" * 254):
+        with pytest.raises(SystemExit):
+            main(["k8s", "demo", "--image", "r/i:1", "--dry-run", flag, bad])
+        assert f"argument {flag}" in capsys.readouterr().err
