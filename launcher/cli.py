@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -22,6 +23,7 @@ from sagan_dist.config import ConfigError, split_items
 from launcher import LauncherError, k8s, kube, local, network
 from launcher.checks import claim_name, int_at_least, load_for_nodes, namespace_name, port_or_zero
 from launcher.manifests import FLAVORS
+from launcher.secrets import redact, refuse_pdsh_secrets
 
 ITEMS_HELP = ("YAML configs (paths, or shipped names: demo, imagenet128, imagenet256) and key=value "
               "overrides, e.g. demo train.steps=100")
@@ -187,7 +189,11 @@ def _run_deepspeed(args: argparse.Namespace) -> int:
     single_host = len(hosts) == 1 or args.nnodes == 1
     cmd = local.deepspeed_command(args.hostfile, args.nproc, args.nnodes, args.master_addr, port, args.items,
                                   single_host)
-    return _start(cmd, args.print_command)
+    env: dict[str, str] = {}
+    if not single_host:  # pdsh: the runner inlines exported variables and items into each host's shell line
+        refuse_pdsh_secrets(str(cfg.tracking.uri))
+        env = local.pdsh_exports(os.environ)
+    return _start(cmd, args.print_command, env)
 
 
 def _run_k8s(args: argparse.Namespace) -> int:
@@ -239,10 +245,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return func(args)
     except ConfigError as e:
-        print(f"sagan-launch {args.command}: config error: {e}", file=sys.stderr)
+        print(f"sagan-launch {args.command}: config error: {redact(str(e))}", file=sys.stderr)
         return 2
     except LauncherError as e:
-        print(f"sagan-launch {args.command}: error: {e}", file=sys.stderr)
+        print(f"sagan-launch {args.command}: error: {redact(str(e))}", file=sys.stderr)
         return 1
 
 

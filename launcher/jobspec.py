@@ -6,6 +6,7 @@ import re
 from dataclasses import dataclass
 
 from launcher import LauncherError
+from launcher.secrets import refuse_uri_credentials
 
 FLAVORS = ("trainjob", "pytorchjob", "indexed-job")
 # Pod names add suffixes such as "-node-0-0-abcde" to the run's name; 40 characters keeps every
@@ -60,6 +61,11 @@ class JobSpec:
         return self.shm_gib or max(1, self.memory_gib // 4)
 
 
+def secret_hint(spec: JobSpec) -> str:
+    """Where a run's MLflow credentials go: the Secret its pods read (k8s/platform/mlflow.yaml)."""
+    return f"the Secret {spec.mlflow_secret} (keys username, password), which the pods read"
+
+
 def check(spec: JobSpec, flavor: str) -> None:
     """Reject a spec the cluster would reject later, or that could not train, with the reason."""
     if flavor not in FLAVORS:
@@ -84,5 +90,6 @@ def check(spec: JobSpec, flavor: str) -> None:
                             f"({spec.memory_gib} GiB): it is counted against the same limit")
     if spec.elastic_min_nodes and (flavor != "pytorchjob" or spec.elastic_min_nodes > spec.nodes):
         raise LauncherError("--elastic-min-nodes needs --flavor pytorchjob and a value <= --nodes")
+    refuse_uri_credentials(spec.tracking_uri, "--tracking-uri", secret_hint(spec))
     if spec.grace_seconds < 30:
         raise LauncherError("--grace-period must be >= 30 s: the trainer needs time to write a snapshot")

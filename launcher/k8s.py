@@ -16,6 +16,8 @@ from sagan_dist import config
 
 from launcher import LauncherError, kube
 from launcher.checks import load_for_nodes
+from launcher.secrets import refuse_uri_credentials
+from launcher.jobspec import secret_hint
 from launcher.manifests import CONFIG_FILE, RUNS_MOUNT, SOURCES_ANNOTATION, JobSpec, check, render, to_yaml
 
 
@@ -37,6 +39,7 @@ def resolve_config(items: Sequence[str], spec: JobSpec) -> str:
     # Listed first so that an explicit train.run_dir=... override still wins.
     cfg = load_for_nodes(items, nodes, spec.procs, first_overrides=[f"train.run_dir={RUNS_MOUNT}/{spec.name}"],
                          nodes_flag="--elastic-min-nodes:--nodes")
+    refuse_uri_credentials(str(cfg.tracking.uri), "tracking.uri", secret_hint(spec))
     run_dir = str(cfg.train.run_dir)
     if not run_dir.startswith(f"{RUNS_MOUNT}/"):
         raise LauncherError(f"train.run_dir={run_dir} is not on the runs volume mounted at {RUNS_MOUNT}: "

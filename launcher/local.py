@@ -21,6 +21,11 @@ from typing import Mapping, Sequence
 from launcher import LauncherError
 
 TRAIN = ["--module", "sagan_dist.cli", "train"]
+# Prefixes of the variables DeepSpeed 0.19.8's runner exports on the pdsh line: its EXPORT_ENVS and
+# every accelerator's export_envs() (a test compares). Not imported: that would pick an accelerator
+# and print its notice into --print-command's output.
+PDSH_EXPORT_PREFIXES = ("MLFLOW", "PYTHON", "MV2", "UCX", "NCCL", "BKCL", "XPU", "XMLIR", "LD_LIBRARY", "PATH",
+                        "NEUWARE_HOME", "CNCL", "ASCEND", "HCCL", "BCCL", "BIREN", "SUPA")
 
 
 @dataclass(frozen=True)
@@ -194,6 +199,18 @@ def remote_quote(item: str) -> str:
     if " " not in item:
         return shlex.quote(item)
     return re.sub(r"([\\$`])", r"\\\1", item)
+
+
+def pdsh_exports(environ: Mapping[str, str]) -> dict[str, str]:
+    """The variables DeepSpeed's runner will export on the pdsh line, escaped for it.
+
+    The runner writes ``export NAME=VALUE;`` for each variable with one of its prefixes (MLFLOW,
+    PYTHON, the accelerator's NCCL, ...) and wraps a VALUE holding any special character in double
+    quotes, escaping nothing: ``$(...)``, backquotes and ``"`` in a value would run on every host.
+    Escaped here, they reach the remote environment as they are. Returns only the changed ones.
+    """
+    return {k: re.sub(r'([\\$`"])', r"\\\1", v) for k, v in environ.items()
+            if k.startswith(PDSH_EXPORT_PREFIXES) and re.search(r'[\\$`"]', v)}
 
 
 def exec_command(cmd: list[str], env: Mapping[str, str] | None = None) -> None:

@@ -24,6 +24,7 @@ from typing import Any, Sequence
 
 import yaml
 
+from launcher.secrets import redact_items
 from launcher.jobspec import FLAVORS, JobSpec, check  # noqa: F401  (re-exported: one import for callers)
 
 Manifest = dict[str, Any]
@@ -189,8 +190,9 @@ def _pod_spec(spec: JobSpec, container: Manifest, restart_policy: str, **extra: 
 
 def _config_map(spec: JobSpec, flavor: str, config_yaml: str, sources: Sequence[str]) -> Manifest:
     metadata = _metadata(spec, flavor, spec.config_map)
-    # Provenance as data: a JSON list survives any character an override may hold.
-    metadata["annotations"] = {SOURCES_ANNOTATION: json.dumps(list(sources))}
+    # Provenance as data: a JSON list survives any character an override may hold; URLs redacted
+    # (a data.shards pipe: command may hold one with a password, which the config itself must keep).
+    metadata["annotations"] = {SOURCES_ANNOTATION: json.dumps(redact_items(sources))}
     return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": metadata, "data": {"config.yaml": config_yaml}}
 
 

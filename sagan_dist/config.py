@@ -204,12 +204,18 @@ def load(
                 raise ConfigError(f"override {bad[0]!r} is not of the form key=value")
             for override in overrides:
                 cfg = OmegaConf.merge(cfg, _parse_override(override))
-        OmegaConf.resolve(cfg)  # ${oc.env:...} and ${a.b}: fail here, naming the key, not at first use
+        _check_interpolations(cfg)
     except OmegaConfBaseException as e:
         raise ConfigError(_omegaconf_message(e)) from None
     validate(cfg, world_size)
     OmegaConf.set_readonly(cfg, True)
     return cfg
+
+
+def _check_interpolations(cfg: DictConfig) -> None:
+    """Resolve every ${oc.env:...} and ${a.b} once, so that one that cannot be fails at load, naming
+    its key, not at first use. The config keeps them (an escaped \\${...} stays a literal)."""
+    OmegaConf.to_container(cfg, resolve=True)
 
 
 def _parse_override(override: str) -> DictConfig:
@@ -258,7 +264,7 @@ def from_container(data: dict[str, Any], world_size: int = 1) -> DictConfig:
     """Rebuild a validated config from a plain dict (as stored in a checkpoint)."""
     try:
         cfg = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(data))
-        OmegaConf.resolve(cfg)
+        _check_interpolations(cfg)
     except OmegaConfBaseException as e:
         raise ConfigError(_omegaconf_message(e)) from None
     validate(cfg, world_size)

@@ -129,11 +129,12 @@ def test_unresolvable_interpolations_fail_at_load_naming_the_key(override, key, 
     assert "\n" not in str(err.value)
 
 
-def test_interpolations_are_resolved_and_typed_at_load(monkeypatch, tmp_path):
+def test_resolvable_interpolations_and_escaped_literals_still_load(monkeypatch, tmp_path):
     monkeypatch.setenv("SAGAN_TEST_STEPS", "7")
-    cfg = load(["demo"], ["train.steps=${oc.env:SAGAN_TEST_STEPS}", f"train.run_dir={tmp_path}/${{train.steps}}"])
-    monkeypatch.setenv("SAGAN_TEST_STEPS", "9")  # resolved once: later changes do not move the config
+    cfg = load(["demo"], ["train.steps=${oc.env:SAGAN_TEST_STEPS}", f"train.run_dir={tmp_path}/${{train.steps}}",
+                          "tracking.run_name=\\${oc.env:SAGAN_TEST_NOPE}"])
     assert cfg.train.steps == 7 and cfg.train.run_dir == f"{tmp_path}/7"
+    assert cfg.tracking.run_name == "${oc.env:SAGAN_TEST_NOPE}"  # escaped: a literal, never resolved
 
 
 def test_config_errors_stop_the_trainer_before_any_work(tmp_path):
