@@ -31,7 +31,9 @@ ITEMS_HELP = ("YAML configs (paths, or shipped names: demo, imagenet128, imagene
 
 def _local_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("local", help="Train on this host with torchrun (one node of several with --nnodes)",
-                       description="Run `sagan-dist train` under torchrun (python -m torch.distributed.run): "
+                       description="Run `sagan-dist train` under torchrun (python -m launcher.torchrun: "
+                                   "torchrun whose stop exits 143 (SIGTERM) or 130 (SIGINT) with one line "
+                                   "naming the snapshot): "
                                    "--nproc processes on this host; with --nnodes > 1, run the same command "
                                    "on every node with its --node-rank and node 0's --master; with --nnodes "
                                    "MIN:MAX, elastically (c10d rendezvous at --master; nodes may leave and "

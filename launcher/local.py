@@ -114,8 +114,9 @@ def default_rdzv_id(run_dir: str) -> str:
 
 def torchrun_command(nproc: int, rdzv: Rendezvous, train_items: Sequence[str],
                      max_restarts: int = 0, grace_s: int = DEFAULT_GRACE_S) -> list[str]:
-    """``python -m torch.distributed.run ... --module sagan_dist.cli train CONFIG... key=value...``
+    """``python -m launcher.torchrun ... --module sagan_dist.cli train CONFIG... key=value...``
 
+    launcher.torchrun is torchrun with a stop signal reported as a stop (exit 143/130, one line).
     ``grace_s`` is torchrun's --shutdown-timeout: after a stop signal it SIGKILLs the trainers
     that have not exited by then (its own default, 30 s, can be shorter than a snapshot write).
     """
@@ -124,7 +125,7 @@ def torchrun_command(nproc: int, rdzv: Rendezvous, train_items: Sequence[str],
     if max_restarts < 0:
         raise LauncherError("--max-restarts must be >= 0")
     check_rendezvous(rdzv)
-    return [sys.executable, "-m", "torch.distributed.run", *rdzv.torchrun_flags(),
+    return [sys.executable, "-m", "launcher.torchrun", *rdzv.torchrun_flags(),
             f"--nproc-per-node={nproc}", f"--max-restarts={max_restarts}", f"--shutdown-timeout={grace_s}",
             *TRAIN, *train_items]
 

@@ -10,12 +10,14 @@ Kubernetes and Kubeflow schemas in tests/test_k8s_manifests.py.
 
 Every flavour runs the same command in each node's pod::
 
-    python -m torch.distributed.run [rendezvous flags] --module sagan_dist.cli train CONFIG...
+    python -m launcher.torchrun [rendezvous flags] --module sagan_dist.cli train CONFIG...
 
 and gets its rendezvous differently: the Kubeflow Trainer (TrainJob) and the training operator
 (PyTorchJob) inject torchrun's ``PET_*`` variables, the Indexed Job passes pod 0's DNS name and
-the completion index itself. torchrun runs as the container's PID 1, so the kubelet's SIGTERM
-reaches it and it forwards the signal to the trainer processes, which write a snapshot and exit.
+the completion index itself. torchrun (launcher.torchrun: torchrun whose stop exits 143, not 1)
+runs as the container's PID 1, so the kubelet's SIGTERM reaches it and it forwards the signal to
+the trainer processes, which write a snapshot and exit; the Job flavours then count exit 143 as
+an interruption, not a failure.
 """
 from __future__ import annotations
 
@@ -109,8 +111,18 @@ def _metadata(spec: JobSpec, flavor: str, name: str, extra: dict[str, str] | Non
 def launch_command(spec: JobSpec, rendezvous: list[str]) -> list[str]:
     """torchrun as PID 1; it gives the trainers the grace period minus a margin to checkpoint."""
     shutdown = spec.grace_seconds - 20
-    return ["python", "-m", "torch.distributed.run", *rendezvous, f"--shutdown-timeout={shutdown}",
+    return ["python", "-m", "launcher.torchrun", *rendezvous, f"--shutdown-timeout={shutdown}",
             "--module", "sagan_dist.cli", *spec.train_args]
+
+
+STOPPED_EXIT_CODE = 143  # launcher.torchrun after SIGTERM: the trainers wrote a snapshot
+
+
+def _stopped(action: str, container: str) -> Manifest:
+    """A podFailurePolicy rule for a pod that exited because it was told to stop (SIGTERM not
+    marked as a disruption: a kubectl delete, a node drain without the condition)."""
+    return {"action": action, "onExitCodes": {"containerName": container, "operator": "In",
+                                              "values": [STOPPED_EXIT_CODE]}}
 
 
 def _env(spec: JobSpec) -> list[Manifest]:
@@ -213,7 +225,8 @@ def _trainjob(spec: JobSpec, flavor: str) -> list[Manifest]:
             # they resume from the newest snapshot (a lone restarted rank could not rejoin).
             "backoffLimit": 0,
             "podFailurePolicy": {"rules": [
-                {"action": "FailJob", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]}]},
+                {"action": "FailJob", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
+                _stopped("FailJob", "node")]},
             "template": {"metadata": {"labels": labels(spec, flavor)},
                          "spec": _pod_spec(spec, container, "Never")},
         },
@@ -227,7 +240,7 @@ def _trainjob(spec: JobSpec, flavor: str) -> list[Manifest]:
             "template": {"spec": {
                 "failurePolicy": {
                     "maxRestarts": spec.max_restarts,
-                    # Preemption (the podFailurePolicy above) restarts without using up maxRestarts.
+                    # Preemption and stops (the podFailurePolicy above) restart without using up maxRestarts.
                     "rules": [{"name": "preempted", "action": "RestartJobSetAndIgnoreMaxRestarts",
                                "onJobFailureReasons": ["PodFailurePolicy"]}],
                 },
@@ -327,9 +340,10 @@ def _indexed_job(spec: JobSpec, flavor: str) -> list[Manifest]:
             "parallelism": spec.nodes,
             # One failure makes every node fail its next collective, hence x nodes.
             "backoffLimit": spec.max_restarts * spec.nodes,
-            # Preempted or evicted pods are replaced without counting as failures.
+            # Preempted, evicted or stopped pods are replaced without counting as failures.
             "podFailurePolicy": {"rules": [
-                {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]}]},
+                {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
+                _stopped("Ignore", "trainer")]},
             "template": {
                 "metadata": {"labels": labels(spec, flavor)},
                 "spec": _pod_spec(spec, container, "Never", subdomain=spec.name),

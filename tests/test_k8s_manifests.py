@@ -221,7 +221,7 @@ def test_trainjob_sets_nodes_procs_resources_and_references_its_runtime(capsys):
     trainer = objects["TrainJob"]["spec"]["trainer"]
     assert trainer["numNodes"] == 2 and trainer["numProcPerNode"] == 4 and trainer["image"] == IMAGE
     assert trainer["resourcesPerNode"]["limits"]["nvidia.com/gpu"] == "4"
-    assert trainer["command"][:3] == ["python", "-m", "torch.distributed.run"]
+    assert trainer["command"][:3] == ["python", "-m", "launcher.torchrun"]
     assert trainer["command"][-4:] == ["--module", "sagan_dist.cli", "train", CONFIG_FILE]
     ref = objects["TrainJob"]["spec"]["runtimeRef"]
     assert ref == {"apiGroup": "trainer.kubeflow.org", "kind": "TrainingRuntime", "name": "tj"}
@@ -414,3 +414,26 @@ def test_negative_values_in_a_spec_are_refused_naming_the_flag():
         spec = JobSpec(name="n", image=IMAGE, train_args=("train",), config_map="c", **{field: -1})
         with pytest.raises(LauncherError, match=flag):
             render(spec, "indexed-job")
+
+
+@pytest.mark.parametrize("flavor, kind, action", [("indexed-job", "Job", "Ignore"),
+                                                  ("trainjob", "TrainingRuntime", "FailJob")])
+def test_a_pod_stopped_by_sigterm_does_not_count_as_failed(capsys, flavor, kind, action):
+    """launcher.torchrun exits 143 after a stop snapshot: not a failure for backoffLimit / maxRestarts."""
+    objects = dry_run(capsys, "demo", "--flavor", flavor)
+    obj = by_kind(objects)[kind]
+    validate_object(obj)
+    if kind == "Job":
+        job_spec = obj["spec"]
+    else:  # the TrainingRuntime's node Job; FailJob's reason PodFailurePolicy restarts without using up maxRestarts
+        (replicated,) = obj["spec"]["template"]["spec"]["replicatedJobs"]
+        job_spec = replicated["template"]["spec"]
+        (rule,) = obj["spec"]["template"]["spec"]["failurePolicy"]["rules"]
+        assert rule["action"] == "RestartJobSetAndIgnoreMaxRestarts"
+        assert rule["onJobFailureReasons"] == ["PodFailurePolicy"]
+    (container,) = job_spec["template"]["spec"]["containers"]
+    exit_rules = [r for r in job_spec["podFailurePolicy"]["rules"] if "onExitCodes" in r]
+    assert exit_rules == [{"action": action, "onExitCodes": {"containerName": container["name"], "operator": "In",
+                                                             "values": [143]}}]
+    command = container.get("command") or by_kind(objects)["TrainJob"]["spec"]["trainer"]["command"]
+    assert command[:3] == ["python", "-m", "launcher.torchrun"]

@@ -17,7 +17,7 @@ def printed_command(capsys: pytest.CaptureFixture[str], *args: str) -> list[str]
 
 def test_local_nproc_2_is_a_standalone_torchrun_of_sagan_dist_train(capsys):
     cmd = printed_command(capsys, "local", "--nproc", "2", "demo", "train.steps=2")
-    assert cmd == [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1",
+    assert cmd == [sys.executable, "-m", "launcher.torchrun", "--standalone", "--nnodes=1",
                    "--nproc-per-node=2", "--max-restarts=0", "--shutdown-timeout=90",
                    "--module", "sagan_dist.cli", "train",
                    "demo", "train.steps=2"]
@@ -146,7 +146,7 @@ def test_elastic_range_runs_torchrun_with_c10d_and_a_run_derived_id(capsys):
     args = ["local", "--nproc", "2", "--nnodes", "1:4", "--master", "127.0.0.1:29400", "demo",
             "train.batch_size=48", "train.run_dir=/runs/e1"]
     cmd = printed_command(capsys, *args)
-    flags = cmd[cmd.index("torch.distributed.run") + 1:cmd.index("--module")]
+    flags = cmd[cmd.index("launcher.torchrun") + 1:cmd.index("--module")]
     rdzv_id = next(f for f in flags if f.startswith("--rdzv-id="))
     assert flags == ["--nnodes=1:4", "--rdzv-backend=c10d", "--rdzv-endpoint=127.0.0.1:29400", rdzv_id,
                      "--nproc-per-node=2", "--max-restarts=3", "--shutdown-timeout=90"]
