@@ -152,8 +152,8 @@ def _check_config(items: Sequence[str], world_size: int) -> DictConfig:
 
 
 def _start(cmd: list[str], print_only: bool, env: dict[str, str] | None = None) -> int:
-    if print_only:
-        print(shlex.join([*(f"{k}={v}" for k, v in (env or {}).items()), *cmd]))
+    if print_only:  # redacted: a password in tracking.uri=... is not printed (the run itself gets it)
+        print(redact(shlex.join([*(f"{k}={v}" for k, v in (env or {}).items()), *cmd])))
         return 0
     local.exec_command(cmd, env)
     return 0  # not reached: exec replaced this process

@@ -145,3 +145,9 @@ def test_the_escaped_prefixes_cover_what_deepspeed_exports():
     from launcher.local import PDSH_EXPORT_PREFIXES
 
     assert set(EXPORT_ENVS) | set(get_accelerator().export_envs()) <= set(PDSH_EXPORT_PREFIXES)
+
+
+def test_the_printed_local_command_is_redacted(capsys):
+    assert main(["local", "--print-command", "demo", f"tracking.uri=http://u:{SECRET}@h:5000"]) == 0
+    out = capsys.readouterr().out
+    assert SECRET not in out and "tracking.uri=http://u:REDACTED@h:5000" in out
