@@ -151,3 +151,65 @@ def test_the_printed_local_command_is_redacted(capsys):
     assert main(["local", "--print-command", "demo", f"tracking.uri=http://u:{SECRET}@h:5000"]) == 0
     out = capsys.readouterr().out
     assert SECRET not in out and "tracking.uri=http://u:REDACTED@h:5000" in out
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_a_trainer_reads_its_credentials_from_mlflows_file(tmp_path):
+    """What the pdsh refusal tells users to do works: a basic-auth server, credentials only in
+    ~/.mlflow/credentials (no MLFLOW_TRACKING_* variable, no user:password in the URI)."""
+    import contextlib
+    import os
+    import signal
+    import time
+    import urllib.request
+
+    from mlflow_server import free_port
+
+    user, password = "sagan", "pw-" + os.urandom(8).hex()
+    (tmp_path / "basic_auth.ini").write_text(f"[mlflow]\ndefault_permission = READ\ndatabase_uri = sqlite:///"
+                                             f"{tmp_path}/auth.db\nadmin_username = {user}\nauthorization_function"
+                                             " = mlflow.server.auth:authenticate_request_basic_auth\n")
+    port = free_port()
+    server_env = {**os.environ, "MLFLOW_AUTH_CONFIG_PATH": str(tmp_path / "basic_auth.ini"),
+                  "MLFLOW_AUTH_ADMIN_PASSWORD": password, "MLFLOW_FLASK_SERVER_SECRET_KEY": os.urandom(16).hex(),
+                  "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    cmd = [sys.executable, "-m", "mlflow", "server", "--app-name=basic-auth", "--host=127.0.0.1", f"--port={port}",
+           "--workers=1", f"--backend-store-uri=sqlite:///{tmp_path}/mlflow.db",
+           f"--artifacts-destination={tmp_path}/artifacts"]
+    with open(tmp_path / "server.log", "wb") as log:
+        server = subprocess.Popen(cmd, env=server_env, stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path,
+                                  start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 150
+        while True:
+            try:
+                with urllib.request.urlopen(f"{base}/health", timeout=2):
+                    break
+            except OSError:
+                assert server.poll() is None and time.monotonic() < deadline, (tmp_path / "server.log").read_text()
+                time.sleep(0.5)
+        home = tmp_path / "home"
+        (home / ".mlflow").mkdir(parents=True)
+        creds = home / ".mlflow" / "credentials"
+        creds.write_text(f"[mlflow]\nmlflow_tracking_username = {user}\nmlflow_tracking_password = {password}\n")
+        creds.chmod(0o600)
+        env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_TRACKING")}
+        train = subprocess.run(
+            [sys.executable, "-m", "sagan_dist.cli", "train", "demo", "model.g_channels=8", "model.d_channels=8",
+             "model.z_dim=16", "train.batch_size=8", "train.steps=1", "train.samples_per_class=1",
+             f"train.run_dir={tmp_path / 'run'}", f"tracking.uri={base}", "tracking.experiment=from-file"],
+            env={**env, "HOME": str(home)}, capture_output=True, text=True, timeout=300)
+        assert train.returncode == 0, train.stdout[-3000:] + train.stderr[-3000:]
+        assert password not in train.stdout + train.stderr
+        check = subprocess.run(
+            [sys.executable, "-c", "import mlflow; c = mlflow.MlflowClient(); "
+             "e = c.get_experiment_by_name('from-file'); print(len(c.search_runs([e.experiment_id])))"],
+            env={**env, "MLFLOW_TRACKING_URI": base, "MLFLOW_TRACKING_USERNAME": user,
+                 "MLFLOW_TRACKING_PASSWORD": password}, capture_output=True, text=True, timeout=120)
+        assert check.stdout.strip() == "1", check.stderr[-2000:]
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(server.pid, signal.SIGKILL)
+        server.wait()
