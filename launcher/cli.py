@@ -193,7 +193,7 @@ def _run_deepspeed(args: argparse.Namespace) -> int:
                                   single_host)
     env: dict[str, str] = {}
     if not single_host:  # pdsh: the runner inlines exported variables and items into each host's shell line
-        refuse_pdsh_secrets(str(cfg.tracking.uri))
+        refuse_pdsh_secrets(str(cfg.tracking.uri), args.items)
         env = local.pdsh_exports(os.environ)
     return _start(cmd, args.print_command, env)
 

@@ -42,17 +42,19 @@ def refuse_uri_credentials(uri: str, name: str, instead: str) -> None:
                             f"in plain text; give the URI without them and put them in {instead}")
 
 
-def refuse_pdsh_secrets(tracking_uri: str, env: Mapping[str, str] = os.environ) -> None:
+def refuse_pdsh_secrets(tracking_uri: str, items: Sequence[str] = (), env: Mapping[str, str] = os.environ) -> None:
     """DeepSpeed's pdsh path writes MLFLOW_* variables and the train items into each host's command
-    line (and its log): no credentials may be among them."""
+    line (and its log): no credentials may be among them (tracking.uri may also come from a YAML)."""
     why = "over pdsh DeepSpeed's runner writes it into every host's command line and its log"
     for var in SECRET_VARIABLES:
         if env.get(var):
             raise LauncherError(f"{var} is set, but {why}; unset it and put the credentials in "
                                 f"{CREDENTIALS_FILE_HINT}")
-    for name, uri in (("MLFLOW_TRACKING_URI", env.get("MLFLOW_TRACKING_URI", "")), ("tracking.uri", tracking_uri)):
-        if has_credentials(uri):
-            raise LauncherError(f"{name}={redact(uri)} carries credentials, but {why}; give the URI without "
+    named = [("MLFLOW_TRACKING_URI", env.get("MLFLOW_TRACKING_URI", "")), ("tracking.uri", tracking_uri),
+             *(tuple(i.split("=", 1)) for i in items if "=" in i)]
+    for name, value in named:
+        if has_credentials(value):
+            raise LauncherError(f"{name}={redact(value)} carries credentials, but {why}; give it without "
                                 f"them and put them in {CREDENTIALS_FILE_HINT}")
 
 

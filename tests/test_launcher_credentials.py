@@ -213,3 +213,11 @@ def test_a_trainer_reads_its_credentials_from_mlflows_file(tmp_path):
         with contextlib.suppress(ProcessLookupError):
             os.killpg(server.pid, signal.SIGKILL)
         server.wait()
+
+
+def test_pdsh_refuses_any_item_with_credentials(capsys, two_hosts):
+    item = f"data.shards=pipe:curl -s https://u:{SECRET}@s3.example/x-{{0..1}}.tar"
+    assert main(["deepspeed", "--hostfile", str(two_hosts), "--print-command", "demo", "data.source=shards",
+                 item]) == 1
+    out, err = capsys.readouterr()
+    assert SECRET not in out + err and "data.shards=pipe:curl -s https://u:REDACTED@" in err
