@@ -50,12 +50,14 @@ def refuse_pdsh_secrets(tracking_uri: str, items: Sequence[str] = (), env: Mappi
         if env.get(var):
             raise LauncherError(f"{var} is set, but {why}; unset it and put the credentials in "
                                 f"{CREDENTIALS_FILE_HINT}")
-    named = [("MLFLOW_TRACKING_URI", env.get("MLFLOW_TRACKING_URI", "")), ("tracking.uri", tracking_uri),
-             *(tuple(i.split("=", 1)) for i in items if "=" in i)]
-    for name, value in named:
-        if has_credentials(value):
-            raise LauncherError(f"{name}={redact(value)} carries credentials, but {why}; give it without "
+    for name, uri in (("MLFLOW_TRACKING_URI", env.get("MLFLOW_TRACKING_URI", "")), ("tracking.uri", tracking_uri)):
+        if has_credentials(uri):
+            raise LauncherError(f"{name}={redact(uri)} carries credentials, but {why}; give the URI without "
                                 f"them and put them in {CREDENTIALS_FILE_HINT}")
+    for item in items:  # e.g. a data.shards pipe: command with a URL
+        if has_credentials(item):
+            raise LauncherError(f"{redact(item)} carries credentials, but {why}; keep them in the file of the "
+                                "tool that uses them (e.g. ~/.netrc for curl) on the hosts")
 
 
 def redact_items(items: Sequence[str]) -> list[str]:
