@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import yaml
 
 from launcher.cli import main
 
@@ -235,8 +236,6 @@ def test_a_namespace_kubernetes_would_refuse_is_refused_naming_the_flag(capsys, 
 @pytest.mark.parametrize("namespace", ["a", "0", "team-1", "a" * 63])
 def test_valid_namespaces_reach_the_manifests(capsys, namespace):
     assert main(["k8s", "demo", "--image", "r/i:1", "--dry-run", "--namespace", namespace]) == 0
-    import yaml
-
     docs = list(yaml.safe_load_all(capsys.readouterr().out))
     assert docs and all(d["metadata"]["namespace"] == namespace for d in docs)
 
