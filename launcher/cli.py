@@ -23,7 +23,7 @@ from sagan_dist.config import ConfigError, split_items
 from launcher import LauncherError, k8s, kube, local, network
 from launcher.checks import claim_name, int_at_least, load_for_nodes, namespace_name, port_or_zero
 from launcher.manifests import FLAVORS
-from launcher.secrets import redact, refuse_pdsh_secrets
+from launcher.secrets import redact, refuse_logged_items, refuse_pdsh_secrets
 
 ITEMS_HELP = ("YAML configs (paths, or shipped names: demo, imagenet128, imagenet256) and key=value "
               "overrides, e.g. demo train.steps=100")
@@ -183,6 +183,7 @@ def _run_local(args: argparse.Namespace) -> int:
 
 def _run_deepspeed(args: argparse.Namespace) -> int:
     hosts = local.hostfile_slots(args.hostfile)
+    refuse_logged_items(args.items)
     cfg = _check_config(args.items, local.deepspeed_world_size(hosts, args.nproc, args.nnodes))
     if cfg.engine != "deepspeed":
         print(f"sagan-launch deepspeed: note: the config's engine is {cfg.engine!r}; "
@@ -193,7 +194,7 @@ def _run_deepspeed(args: argparse.Namespace) -> int:
                                   single_host)
     env: dict[str, str] = {}
     if not single_host:  # pdsh: the runner inlines exported variables and items into each host's shell line
-        refuse_pdsh_secrets(str(cfg.tracking.uri), args.items)
+        refuse_pdsh_secrets(str(cfg.tracking.uri))
         env = local.pdsh_exports(os.environ)
     return _start(cmd, args.print_command, env)
 

@@ -42,9 +42,19 @@ def refuse_uri_credentials(uri: str, name: str, instead: str) -> None:
                             f"in plain text; give the URI without them and put them in {instead}")
 
 
-def refuse_pdsh_secrets(tracking_uri: str, items: Sequence[str] = (), env: Mapping[str, str] = os.environ) -> None:
-    """DeepSpeed's pdsh path writes MLFLOW_* variables and the train items into each host's command
-    line (and its log): no credentials may be among them (tracking.uri may also come from a YAML)."""
+def refuse_logged_items(items: Sequence[str]) -> None:
+    """DeepSpeed's runner logs its command line, train items included, on every path."""
+    for item in items:
+        if has_credentials(item):
+            hint = (CREDENTIALS_FILE_HINT if item.startswith("tracking.") else
+                    "the file of the tool that uses them (e.g. ~/.netrc for curl) on the hosts")
+            raise LauncherError(f"{redact(item)} carries credentials, but DeepSpeed's runner prints its command "
+                                f"line; give it without them and put them in {hint}")
+
+
+def refuse_pdsh_secrets(tracking_uri: str, env: Mapping[str, str] = os.environ) -> None:
+    """DeepSpeed's pdsh path writes MLFLOW_* variables into each host's command line (and its log):
+    no credentials may be among them (tracking.uri may also come from a YAML)."""
     why = "over pdsh DeepSpeed's runner writes it into every host's command line and its log"
     for var in SECRET_VARIABLES:
         if env.get(var):
@@ -54,10 +64,6 @@ def refuse_pdsh_secrets(tracking_uri: str, items: Sequence[str] = (), env: Mappi
         if has_credentials(uri):
             raise LauncherError(f"{name}={redact(uri)} carries credentials, but {why}; give the URI without "
                                 f"them and put them in {CREDENTIALS_FILE_HINT}")
-    for item in items:  # e.g. a data.shards pipe: command with a URL
-        if has_credentials(item):
-            raise LauncherError(f"{redact(item)} carries credentials, but {why}; keep them in the file of the "
-                                "tool that uses them (e.g. ~/.netrc for curl) on the hosts")
 
 
 def redact_items(items: Sequence[str]) -> list[str]:

@@ -215,9 +215,13 @@ def test_a_trainer_reads_its_credentials_from_mlflows_file(tmp_path):
         server.wait()
 
 
-def test_pdsh_refuses_any_item_with_credentials(capsys, two_hosts):
+@pytest.mark.parametrize("hosts", ["node-a slots=1\nnode-b slots=1\n", "localhost slots=1\n"])
+def test_deepspeed_refuses_any_item_with_credentials(capsys, tmp_path, hosts):
+    # the runner logs its command line, items included, with one host as well as over pdsh
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text(hosts)
     item = f"data.shards=pipe:curl -s https://u:{SECRET}@s3.example/x-{{0..1}}.tar"
-    assert main(["deepspeed", "--hostfile", str(two_hosts), "--print-command", "demo", "data.source=shards",
+    assert main(["deepspeed", "--hostfile", str(hostfile), "--print-command", "demo", "data.source=shards",
                  item]) == 1
     out, err = capsys.readouterr()
-    assert SECRET not in out + err and "data.shards=pipe:curl -s https://u:REDACTED@" in err
+    assert SECRET not in out + err and "data.shards=pipe:curl -s https://u:REDACTED@" in err and "~/.netrc" in err
