@@ -289,6 +289,15 @@ def test_fifos_and_devices_with_image_names_are_skipped_with_the_reason_never_op
     assert "train-skipped.jsonl" in done.stdout
 
 
+def test_an_out_that_is_a_file_is_one_line_naming_it(tmp_path: Path) -> None:
+    make_tree(tmp_path / "src")
+    (tmp_path / "out").write_text("a file")
+    done = _make_shards_cli(str(tmp_path / "src"), str(tmp_path / "out"), "--workers", "1")
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    [line] = done.stderr.strip().splitlines()
+    assert line.startswith("sagan-dist make-shards: error: ") and str(tmp_path / "out") in line
+
+
 def test_names_with_newlines_and_tabs_are_one_report_row_each(tmp_path: Path) -> None:
     files = make_tree(tmp_path / "src")
     src = tmp_path / "src"

@@ -56,6 +56,7 @@ import signal
 import stat
 import sys
 import time
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -449,9 +450,12 @@ def run(args: argparse.Namespace) -> int:
     except ShardError as e:
         print(f"sagan-dist make-shards: error: {e}", file=sys.stderr)
         return 2
-    except futures.process.BrokenProcessPool:
+    except BrokenProcessPool:  # imported by name: futures.process exists only once a pool was made
         print("sagan-dist make-shards: error: a writer process died (out of memory?); finished shards "
               "are kept: run the same command again to write the rest", file=sys.stderr)
+        return 1
+    except OSError as e:  # OUT or SRC itself (not a folder, not writable, full): the message names the path
+        print(f"sagan-dist make-shards: error: {e}", file=sys.stderr)
         return 1
     print(f"wrote {index['total']} samples in {len(index['shards'])} shards to {args.out} "
           f"({index['skipped']} unreadable images and {index['skipped_folders']} symlinked folders "
