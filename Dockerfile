@@ -44,16 +44,16 @@ RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml
  && pip install --no-cache-dir -r /tmp/requirements.txt psycopg2-binary==2.9.13 \
  && rm /tmp/requirements.txt
 
-# The package itself, editable, so /opt/sagan-dist stays the one copy of the code and configs
-# (configs/ also ships as package data, sagan_dist.configs, for regular installs).
-# --no-deps: everything is installed above; nothing here may touch torch.
+# The package itself, installed the way users install it: pip builds a wheel from the sources
+# and installs it into site-packages (configs/ inside it, as sagan_dist.configs); the sources are
+# then deleted, so the image runs exactly what the wheel holds. --no-deps: everything is installed
+# above; nothing here may touch torch.
+COPY setup.py ./
 COPY configs ./configs
 COPY launcher ./launcher
 COPY sagan_dist ./sagan_dist
-RUN pip install --no-cache-dir --no-deps --editable . \
- && python -c "import torch, sagan_dist.cli, launcher.cli; \
-assert torch.version.cuda, 'torch is not the CUDA build of the base image'; \
-print('torch', torch.__version__, 'CUDA', torch.version.cuda)"
+RUN pip install --no-cache-dir --no-deps /opt/sagan-dist \
+ && find /opt/sagan-dist -mindepth 1 -delete
 
 # Non-root; the manifests run as this uid/gid (runAsUser/fsGroup 10001), which is not taken by
 # the base image's users (Ubuntu images ship uid 1000).
@@ -63,6 +63,11 @@ USER 10001:10001
 ENV HOME=/home/sagan
 # Relative run directories (runs/demo) land in the user's home, which is writable.
 WORKDIR /home/sagan
+# As that user, outside any source tree: the installed package, its shipped configs, the CUDA torch.
+RUN python -c "import torch, sagan_dist.cli, launcher.cli; from sagan_dist.config import CONFIG_DIR; \
+assert 'site-packages' in str(CONFIG_DIR) and (CONFIG_DIR / 'demo.yaml').is_file(), CONFIG_DIR; \
+assert torch.version.cuda, 'torch is not the CUDA build of the base image'; \
+print('torch', torch.__version__, 'CUDA', torch.version.cuda, 'configs', CONFIG_DIR)"
 
 ENTRYPOINT ["sagan-dist"]
 CMD ["--help"]

@@ -143,8 +143,9 @@ def test_make_shards_converts_each_mode_and_the_reader_reads_the_originals(tmp_p
     assert sorted(converted) == names
     for name in names:
         _assert_close(converted[name], CASES[name][2], f"make-shards {name}")
-    report = (out / "train-skipped.tsv").read_text()
-    assert "l_png/huge.png\tImageRejected: 200 x 100 pixels (0.0 Mpx) is over --max-pixels = 10000" in report
+    report = [json.loads(line) for line in (out / "train-skipped.jsonl").read_text().splitlines()]
+    rejected = "ImageRejected: 200 x 100 pixels (0.0 Mpx) is over --max-pixels = 10000"
+    assert {"path": "l_png/huge.png", "reason": rejected} in report
 
     # The original bytes in the shards, converted by the reader: one class per mode, one batch.
     kept = tmp_path / "kept"

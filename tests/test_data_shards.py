@@ -1,6 +1,8 @@
-"""make-shards: an ImageFolder tree with bad files -> shards, index, report; resumable after SIGKILL."""
+"""make-shards: an ImageFolder tree with bad files -> shards, index, report; only regular files read;
+stopped at once by SIGTERM/SIGINT, its workers with it; resumable after SIGKILL."""
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -56,6 +58,29 @@ def make_tree(root: Path, seed: int = 0) -> dict[str, list[str]]:
             "ignored": [f"{CLASSES[2]}/README.txt"]}
 
 
+def read_report(out: Path, split: str = "train") -> list[dict[str, str]]:
+    """``{split}-skipped.jsonl``: every line one JSON object with a path and a reason."""
+    lines = (out / f"{split}-skipped.jsonl").read_text().splitlines()
+    rows = [json.loads(line) for line in lines]
+    assert all(sorted(row) == ["path", "reason"] for row in rows), rows
+    return rows
+
+
+# Run as `python -c HANG_SCRIPT args...`: make-shards, where the decode of a file holding exactly
+# b"HANG" never ends, so that a signal lands for certain while a worker is inside a shard.
+HANG_SCRIPT = """
+import sys, time
+from sagan_dist.data import shards
+encode = shards.encode_image
+def hang_on_marker(raw, opts):
+    if raw == b"HANG":
+        time.sleep(3600)
+    return encode(raw, opts)
+shards.encode_image = hang_on_marker
+sys.exit(shards.main(sys.argv[1:]))
+"""
+
+
 def read_shards(out: Path, split: str = "train") -> list[dict[str, bytes]]:
     """Every sample of every final shard, grouped by key (tarfile, not webdataset: independent)."""
     samples: list[dict[str, bytes]] = []
@@ -97,9 +122,7 @@ def test_make_shards_writes_every_readable_image_once_with_its_class(tmp_path: P
             # downscaled to the short side, never upscaled
             assert min(img.size) == min(SHORT_SIDE, min(meta["size"]))
 
-    report = (out / "train-skipped.tsv").read_text().splitlines()
-    assert report[0] == "path\terror"
-    assert sorted(line.split("\t")[0] for line in report[1:]) == sorted(files["bad"])
+    assert sorted(row["path"] for row in read_report(out)) == sorted(files["bad"])
     assert not list(out.rglob("*.partial"))
 
 
@@ -148,14 +171,13 @@ def _stats_done(out: Path) -> int:
 
 def test_writer_killed_with_sigkill_resumes_without_duplicates(tmp_path: Path) -> None:
     files = make_tree(tmp_path / "src")
-    # A FIFO with an image's name: the worker that opens it blocks (a hung read), so the kill below
-    # lands for certain while one shard is half-written and the others are done.
+    # An image whose decode hangs (HANG_SCRIPT), so the kill below lands for certain while one
+    # shard is half-written and the others are done.
     stuck = tmp_path / "src" / CLASSES[1] / "zz_hung.JPEG"
-    os.mkfifo(stuck)
+    stuck.write_bytes(b"HANG")
     out = tmp_path / "out"
     args = [str(tmp_path / "src"), str(out), "--per-shard", "4", "--short-side", str(SHORT_SIDE), "--workers", "2"]
-    script = "import sys; from sagan_dist.data.shards import main; sys.exit(main(sys.argv[1:]))"
-    cmd = [sys.executable, "-c", script, *args]
+    cmd = [sys.executable, "-c", HANG_SCRIPT, *args]
     n_shards = -(-(len(files["good"]) + len(files["bad"]) + 1) // 4)
     proc = subprocess.Popen(cmd, cwd=REPO, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -206,7 +228,7 @@ def test_symlinked_folders_are_skipped_and_reported_symlinked_files_read(tmp_pat
     assert index["num_classes"] == len(CLASSES) and index["skipped_folders"] == 2
     paths = sorted(json.loads(s["json"])["path"] for s in read_shards(out))
     assert paths == sorted(files["good"] + [f"{CLASSES[2]}/linked.JPEG"])
-    report = dict(line.split("\t") for line in (out / "train-skipped.tsv").read_text().splitlines()[1:])
+    report = {row["path"]: row["reason"] for row in read_report(out)}
     assert "symlinked folder" in report[f"{CLASSES[0]}/loop/"] and "symlinked folder" in report["zz_alias/"]
     assert "not a regular file" in report[f"{CLASSES[2]}/fifo.JPEG"]
     warned = " ".join(r.getMessage() for r in caplog.records)
@@ -242,3 +264,114 @@ def test_stale_partials_are_told_from_live_ones_by_their_lock_not_their_pid(tmp_
         writer.kill()
         writer.wait()
     assert remove_stale_partials(tmp_path) == 1 and not live.exists()
+
+
+def _make_shards_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "sagan_dist.cli", "make-shards", *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_fifos_and_devices_with_image_names_are_skipped_with_the_reason_never_opened(tmp_path: Path) -> None:
+    """Opened, the FIFO blocks for ever and /dev/zero never ends; both are judged by stat first."""
+    files = make_tree(tmp_path / "src")
+    src = tmp_path / "src"
+    os.mkfifo(src / CLASSES[0] / "x.jpg")  # in the tree itself, not behind a symlink
+    (src / CLASSES[1] / "zero.JPEG").symlink_to("/dev/zero")
+    out = tmp_path / "out"
+    done = _make_shards_cli(str(src), str(out), "--per-shard", "4", "--short-side", str(SHORT_SIDE),
+                            "--workers", "2")
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = {row["path"]: row["reason"] for row in read_report(out)}
+    assert report[f"{CLASSES[0]}/x.jpg"] == "ValueError: not a regular file: a FIFO"
+    assert report[f"{CLASSES[1]}/zero.JPEG"] == "ValueError: not a regular file: a character device"
+    assert sorted(report) == sorted([*files["bad"], f"{CLASSES[0]}/x.jpg", f"{CLASSES[1]}/zero.JPEG"])
+    assert json.loads((out / "train-index.json").read_text())["total"] == len(files["good"])
+    assert "train-skipped.jsonl" in done.stdout
+
+
+def test_an_out_that_is_a_file_is_one_line_naming_it(tmp_path: Path) -> None:
+    make_tree(tmp_path / "src")
+    (tmp_path / "out").write_text("a file")
+    done = _make_shards_cli(str(tmp_path / "src"), str(tmp_path / "out"), "--workers", "1")
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    [line] = done.stderr.strip().splitlines()
+    assert line.startswith("sagan-dist make-shards: error: ") and str(tmp_path / "out") in line
+
+
+def test_names_with_newlines_and_tabs_are_one_report_row_each(tmp_path: Path) -> None:
+    files = make_tree(tmp_path / "src")
+    src = tmp_path / "src"
+    odd = [f"{CLASSES[0]}/two\nlines.jpg", f"{CLASSES[1]}/a\tfake\trow.jpg", f"{CLASSES[2]}/\n.JPEG",
+           f"{CLASSES[2]}/undecodable-\udcff.jpg"]  # a byte that is not UTF-8, as os.walk returns it
+    for rel in odd:
+        (src / rel).write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    out = tmp_path / "out"
+    assert make_shards([str(src), str(out), "--per-shard", "100", "--workers", "1"]) == 0
+    assert sorted(row["path"] for row in read_report(out)) == sorted([*files["bad"], *odd])
+    assert len((out / "train-skipped.jsonl").read_bytes().split(b"\n")) == len(files["bad"]) + len(odd) + 1
+
+
+def _children(pid: int) -> set[int]:
+    """Processes whose parent is ``pid`` (from /proc: no psutil needed)."""
+    found = set()
+    for stat_file in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat_file.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.add(int(stat_file.parent.name))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    """Running, and not a zombie (a container's PID 1 may never reap the orphans it inherits)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum, status", [(signal.SIGTERM, 143), (signal.SIGINT, 130), (signal.SIGKILL, -9)])
+def test_a_signal_to_the_writer_alone_ends_its_workers_and_a_rerun_finishes(tmp_path: Path, signum, status) -> None:
+    """The signal goes to the writer only (as `timeout` or `kill PID` send it), while one worker is
+    stuck in a decode: the writer ends at once, with 128 + the signal's number and one line saying
+    how to go on, and no worker outlives it (killed by the writer, or by their death signal)."""
+    files = make_tree(tmp_path / "src")
+    stuck = tmp_path / "src" / CLASSES[1] / "zz_hung.JPEG"
+    stuck.write_bytes(b"HANG")
+    out = tmp_path / "out"
+    args = [str(tmp_path / "src"), str(out), "--per-shard", "4", "--short-side", str(SHORT_SIDE), "--workers", "2"]
+    n_shards = -(-(len(files["good"]) + len(files["bad"]) + 1) // 4)
+    stderr = tmp_path / "stderr"  # a file, not a pipe: a worker that outlived the writer would hold a pipe open
+    with stderr.open("w") as err:
+        proc = subprocess.Popen([sys.executable, "-c", HANG_SCRIPT, *args], cwd=REPO, start_new_session=True,
+                                stdout=subprocess.DEVNULL, stderr=err)
+    try:
+        deadline = time.monotonic() + 60
+        while _stats_done(out) < n_shards - 1:
+            assert proc.poll() is None, stderr.read_text()
+            assert time.monotonic() < deadline, "the writer did not get to the hung shard"
+            time.sleep(0.05)
+        workers = _children(proc.pid)
+        assert len(workers) == 2
+        os.kill(proc.pid, signum)
+        assert proc.wait(timeout=30) == status, stderr.read_text()
+        deadline = time.monotonic() + 10
+        while any(map(_alive, workers)) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not any(map(_alive, workers)), "a worker outlived the writer"
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    if signum != signal.SIGKILL:
+        name = signal.Signals(signum).name
+        assert stderr.read_text().strip().splitlines() == [
+            f"sagan-dist make-shards: stopped by {name}; finished shards are kept: run the same command again "
+            "to write the rest"]
+    stuck.write_bytes(_jpeg(np.random.default_rng(5), 64, 64))
+    assert make_shards(args) == 0
+    assert json.loads((out / "train-index.json").read_text())["total"] == len(files["good"]) + 1
+    assert not list(out.rglob("*.partial"))

@@ -43,16 +43,23 @@ class ReaderClosed(BaseException):
 # ------------------------------------------------------------------------------ workers
 def init_worker(trainer_pid: int, worker_id: int) -> None:
     """DataLoader ``worker_init_fn`` (bind ``trainer_pid`` with functools.partial)."""
+    obey_parent_only(trainer_pid)
+    os.setpgid(0, 0)
+    torch.set_num_threads(1)
+
+
+def obey_parent_only(parent_pid: int) -> None:
+    """In a child process: ignore SIGTERM/SIGINT (the parent, signalled with its whole process
+    group, decides when the child stops) and get SIGKILL when the parent dies, so that the child
+    never outlives it. Also make-shards' writer processes (shards.py)."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     if sys.platform.startswith("linux"):
         libc = ctypes.CDLL(None, use_errno=True)
         if libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0) != 0:
-            raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed in a DataLoader worker")
-    if os.getppid() != trainer_pid:  # the trainer died before prctl: no death signal would come
+            raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed in a child process")
+    if os.getppid() != parent_pid:  # the parent died before prctl: no death signal would come
         os._exit(1)
-    os.setpgid(0, 0)
-    torch.set_num_threads(1)
 
 
 def stop_workers(batches: Any) -> None:

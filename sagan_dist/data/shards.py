@@ -10,15 +10,23 @@ with one folder per synset) into ``OUT/{split}-000000.tar, ...``. Each sample ho
 
 and next to the shards: ``classes.json`` (class name -> index), ``{split}-index.json`` (shards
 with their sample counts, the total, the brace pattern to put in ``data.shards``) and
-``{split}-skipped.tsv`` (images that could not be read, with the error, and symlinked folders).
+``{split}-skipped.jsonl`` (one JSON object per line, ``{"path": ..., "reason": ...}``: images that
+could not be read, files that are not regular files, symlinked folders). JSON lines, because a
+file name may hold a tab or a newline, which would add rows to a tab-separated report.
 
 Images of any mode are converted to RGB by images.to_rgb (16-bit grayscale scaled, transparency on
 mid-grey); an image of more than ``--max-pixels`` (read from its header) is skipped.
 
-Symbolic links: a symlinked *folder* (a class folder, or one inside a class) is not followed -- a
-link can loop, or repeat another class's images under a second label -- and is reported (a warning
-and a line in the .tsv). A symlinked *file* is read if its target is a regular file (how subsets of
-a dataset are often assembled); a link to anything else (a FIFO, a device, nothing) is skipped.
+Only regular files are read: a FIFO, a device or a socket with an image's name is skipped with the
+reason, judged before it is opened (opening a FIFO waits for a writer, for ever). Symbolic links:
+a symlinked *folder* (a class folder, or one inside a class) is not followed -- a link can loop, or
+repeat another class's images under a second label -- and is reported (a warning and a line in
+the report). A symlinked *file* is read if its target is a regular file (how subsets of a dataset
+are often assembled); a link to anything else (a FIFO, a device, nothing) is skipped.
+
+SIGTERM or SIGINT stops the command at once: the writer processes are killed (they also die with
+it, whatever kills it), finished shards are kept, and the same command run again writes the rest;
+the exit status is 143 (SIGTERM) or 130 (SIGINT).
 
 The file list is shuffled (``--seed``) before it is cut into shards, so every shard mixes all
 classes; the cut is fixed by a plan saved in ``OUT/.{split}-parts/`` on the first run. That makes
@@ -44,9 +52,11 @@ import multiprocessing
 import os
 import random
 import re
+import signal
 import stat
 import sys
 import time
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -55,6 +65,7 @@ from PIL import Image
 
 from sagan_dist import fsio
 from sagan_dist.data.images import open_capped, to_rgb
+from sagan_dist.data.procs import kill_group, obey_parent_only
 from sagan_dist.data.shardfiles import remove_stale_partials, shard_name, write_json, write_metadata, write_shard
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -69,6 +80,14 @@ log = logging.getLogger(__name__)
 
 class ShardError(RuntimeError):
     """make-shards cannot start or continue: bad SRC, or OUT holds another plan."""
+
+
+class Stopped(Exception):
+    """SIGTERM or SIGINT reached make-shards (raised in the main thread by its signal handler)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
 
 
 # ------------------------------------------------------------------------------ the source tree
@@ -135,9 +154,10 @@ def scan_image_folder(src: Path) -> Scan:
 
 
 def _fingerprint(classes: Sequence[str], items: Sequence[tuple[str, int]]) -> str:
-    h = hashlib.sha256("\n".join(classes).encode())
+    # os.fsencode: a name's bytes back (UTF-8, undecodable bytes included), not a UnicodeEncodeError.
+    h = hashlib.sha256(os.fsencode("\n".join(classes)))
     for path, label in items:
-        h.update(f"\n{path}\t{label}".encode())
+        h.update(os.fsencode(f"\n{path}\t{label}"))
     return h.hexdigest()
 
 
@@ -173,11 +193,30 @@ def _downscaled(size: tuple[int, int], short_side: int) -> tuple[int, int] | Non
     return max(1, round(size[0] * scale)), max(1, round(size[1] * scale))
 
 
+FILE_KINDS = {stat.S_IFIFO: "a FIFO", stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device",
+              stat.S_IFSOCK: "a socket", stat.S_IFDIR: "a directory"}
+
+
+def read_regular_file(path: Path) -> bytes:
+    """The bytes of ``path`` (through a symlink too) if it is a regular file, else ValueError.
+
+    Checked before opening (opening a FIFO blocks until a writer comes; opening a device can act on
+    it), and again on the open file: O_NONBLOCK keeps a FIFO swapped in between from blocking.
+    """
+    _require_regular(path.stat().st_mode)  # stat() follows a symlink, as open() does
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    with os.fdopen(fd, "rb") as f:
+        _require_regular(os.fstat(fd).st_mode)
+        return f.read()
+
+
+def _require_regular(mode: int) -> None:
+    if not stat.S_ISREG(mode):
+        raise ValueError(f"not a regular file: {FILE_KINDS.get(stat.S_IFMT(mode), 'a special file')}")
+
+
 def _sample(src: Path, rel: str, label: int, key: str, classes: Sequence[str], opts: Options) -> dict[str, Any]:
-    path = src / rel
-    if path.is_symlink() and not stat.S_ISREG(path.stat().st_mode):  # stat() follows the link
-        raise ValueError("symlink to something that is not a regular file")
-    data, ext, size = encode_image(path.read_bytes(), opts)
+    data, ext, size = encode_image(read_regular_file(src / rel), opts)
     meta = {"class": classes[label], "path": rel, "size": list(size)}
     return {"__key__": key, ext: data, "cls": label, "json": meta}
 
@@ -289,7 +328,7 @@ def make_shards(src: Path, out: Path, opts: Options, workers: int = 1, log=print
         f"{len(tasks)} shards of {per_shard}; {len(done)} already complete, {len(todo)} to write")
     done.update(_run_tasks(todo, workers, log))
     stats = [done[t.index] for t in tasks]
-    _write_report(out / f"{opts.split}-skipped.tsv", scan.skipped, stats)
+    _write_report(out, opts.split, scan.skipped, stats)
     skipped = sum(len(s["skipped"]) for s in stats)
     index = write_metadata(out, opts.split, classes,
                            [{k: s[k] for k in ("name", "samples", "bytes")} for s in stats],
@@ -317,20 +356,45 @@ def _run_tasks(tasks: Sequence[ShardTask], workers: int, log) -> dict[int, dict[
             report(task, write_planned_shard(task))
         return results
     # fork: workers inherit the imported modules instead of re-importing torch (via webdataset).
-    pool = futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"))
+    # The workers leave signals to this process and die with it (obey_parent_only).
+    pool = futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"),
+                                       initializer=obey_parent_only, initargs=(os.getpid(),))
     try:
         pending = {pool.submit(write_planned_shard, t): t for t in tasks}
         for future in futures.as_completed(pending):
             report(pending[future], future.result())
+    except BaseException:
+        # Stopped, Ctrl-C or a dead worker: stop at once, not after the shards being written (a
+        # shard cut short is a temporary file, removed by the rerun, which writes the rest).
+        for proc in list((getattr(pool, "_processes", None) or {}).values()):  # executor internals
+            kill_group(proc.pid)
+        raise
     finally:
-        # On Ctrl-C or a dead worker, stop at once: shards not started are left for the rerun.
         pool.shutdown(wait=True, cancel_futures=True)
     return results
 
 
-def _write_report(path: Path, folders: Sequence[tuple[str, str]], stats: Sequence[dict[str, Any]]) -> None:
+@contextlib.contextmanager
+def _stopped_by_signals() -> Iterator[None]:
+    """SIGTERM and SIGINT raise `Stopped` in the main thread while the block runs."""
+    def stop(signum: int, frame: Any) -> None:
+        raise Stopped(signum)
+
+    previous = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def _write_report(out: Path, split: str, folders: Sequence[tuple[str, str]], stats: Sequence[dict[str, Any]]) -> None:
+    """``{split}-skipped.jsonl``: one ``{"path", "reason"}`` object a line. json.dumps escapes tabs,
+    newlines and (ensure_ascii) the undecodable bytes of a name, so no name can add a line."""
     rows = [*folders, *(row for s in stats for row in s["skipped"])]
-    fsio.atomic_write(path, "\n".join(["path\terror", *(f"{rel}\t{err}" for rel, err in rows)]) + "\n")
+    fsio.atomic_write(out / f"{split}-skipped.jsonl",
+                      "".join(json.dumps({"path": rel, "reason": err}) + "\n" for rel, err in rows))
+    (out / f"{split}-skipped.tsv").unlink(missing_ok=True)  # an older version's report, now stale
 
 
 def parse_size(text: str) -> float:
@@ -376,19 +440,27 @@ def run(args: argparse.Namespace) -> int:
                    quality=args.quality, seed=args.seed, per_shard=args.per_shard,
                    shard_size=0.0 if args.per_shard else (args.shard_size or 1e9), max_pixels=args.max_pixels)
     try:
-        index = make_shards(args.src, args.out, opts, workers=args.workers,
-                            log=lambda msg: print(msg, flush=True))
+        with _stopped_by_signals():
+            index = make_shards(args.src, args.out, opts, workers=args.workers,
+                                log=lambda msg: print(msg, flush=True))
+    except Stopped as e:
+        print(f"sagan-dist make-shards: stopped by {e}; finished shards are kept: run the same command "
+              "again to write the rest", file=sys.stderr)
+        return 128 + e.signum
     except ShardError as e:
         print(f"sagan-dist make-shards: error: {e}", file=sys.stderr)
         return 2
-    except futures.process.BrokenProcessPool:
+    except BrokenProcessPool:  # imported by name: futures.process exists only once a pool was made
         print("sagan-dist make-shards: error: a writer process died (out of memory?); finished shards "
               "are kept: run the same command again to write the rest", file=sys.stderr)
+        return 1
+    except OSError as e:  # OUT or SRC itself (not a folder, not writable, full): the message names the path
+        print(f"sagan-dist make-shards: error: {e}", file=sys.stderr)
         return 1
     print(f"wrote {index['total']} samples in {len(index['shards'])} shards to {args.out} "
           f"({index['skipped']} unreadable images and {index['skipped_folders']} symlinked folders "
           f"skipped, listed in "
-          f"{args.out / (args.split + '-skipped.tsv')})\n"
+          f"{args.out / (args.split + '-skipped.jsonl')})\n"
           f"data.shards={args.out.resolve() / index['pattern']}  data.num_classes={index['num_classes']}")
     return 0 if index["total"] else 1
 
