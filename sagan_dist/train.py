@@ -135,7 +135,7 @@ class Trainer:
                 self.D.backward(loss / accum)
             totals += torch.stack([loss.detach(), real_logits.detach().mean(), fake_logits.detach().mean()])
         result = self.D.step()
-        self.stats.update_applied(result)
+        self.stats.update_applied(result, "D")
         return torch.cat([totals / accum, result.grad_norm.reshape(1).to(totals)])
 
     def _g_step(self) -> torch.Tensor:
@@ -153,7 +153,7 @@ class Trainer:
             total += loss.detach()
         self.D.set_requires_grad(True)
         result = self.G.step()
-        self.stats.update_applied(result)
+        self.stats.update_applied(result, "G")
         return torch.stack([total / accum, result.grad_norm.to(total)])
 
     def _latents(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -246,7 +246,7 @@ class Trainer:
 
     def _log_progress(self) -> None:
         t, stats = self.cfg.train, self.stats
-        means, skipped, streak = stats.read()
+        means, skipped, streaks = stats.read()
         self.skipped_steps += skipped
         seconds, steps = stats.seconds, stats.steps
         rate = steps * t.batch_size * t.n_critic / seconds if seconds > 0 else 0.0
@@ -270,12 +270,13 @@ class Trainer:
                      100 * means["data_wait_share"], _duration((t.steps - self.step) * seconds / max(steps, 1)))
             self.tracker.log_metrics(means, self.step)
         stats.reset()
+        net, streak = max(streaks.items(), key=lambda item: item[1])
         if streak >= t.max_bad_steps:
             raise NonFiniteError(
-                f"{streak} consecutive updates had non-finite losses or gradients (checked every "
+                f"{streak} consecutive {net} updates had non-finite losses or gradients (checked every "
                 f"train.log_every={t.log_every} steps); stopping instead of training on NaNs "
-                f"(train.max_bad_steps={t.max_bad_steps}). Try lower train.lr_d/lr_g, train.grad_clip, or "
-                "train.precision=bf16 instead of fp16.")
+                f"(train.max_bad_steps={t.max_bad_steps}). Try a lower train.lr_{net.lower()}, train.grad_clip, "
+                "or train.precision=bf16 instead of fp16.")
 
     def sample_grid(self) -> None:
         if not self.info.is_main:
