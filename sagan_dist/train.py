@@ -87,6 +87,7 @@ class Trainer:
         self.stopped, self._clock = False, time.monotonic()
         self._saved_step = -1  # the step of the last step-N snapshot this process wrote
         self.best_fid = math.inf
+        self.changed_on_resume: dict[str, Any] = {}
         self.stats = StepStats(info.device)
         self.agreement = StopAgreement()
         self.grid_z, self.grid_y = grid_latents(cfg, info.device)
@@ -190,6 +191,8 @@ class Trainer:
                  self.step, t.steps, self.info.world_size, self.cfg.engine, t.precision, self.micro_batch)
         if self.info.is_main and self.step == 0:
             self.tracker.log_config(self.cfg, self.info)
+        if self.info.is_main and self.changed_on_resume:  # params cannot change in MLflow: metrics
+            self.tracker.log_metrics(_changed_metrics(self.changed_on_resume), self.step)
         try:
             if self.step >= t.steps:
                 log.info("already at step %d of %d: nothing to train", self.step, t.steps)
@@ -355,8 +358,14 @@ class Trainer:
     def _restore(self, snapshot: Path) -> dict[str, Any]:
         state = checkpoint.load_state(snapshot, self.info.device)
         checkpoint.check_compatible(state["config"], self.cfg, snapshot)
-        self.G.load(snapshot / "G")
-        self.D.load(snapshot / "D")
+        self.changed_on_resume = {}  # config key -> value now, where it differs from the snapshot's
+        for net, engine in (("G", self.G), ("D", self.D)):
+            for key, (saved, now) in engine.load(snapshot / net).items():
+                name = f"train.lr_{net.lower()}" if key == "lr" else f"train.{key}"
+                self.changed_on_resume[name] = now
+                if self.info.is_main:
+                    log.warning("%s of %s changed since %s: %s there, %s now (applied)", name, net, snapshot.name,
+                                saved, now)
         self.ema.load_state_dict(state["G_ema"])
         self.step, self.images_seen = int(state["step"]), int(state["images_seen"])
         self.best_fid, self.skipped_steps = float(state["best_fid"]), int(state.get("skipped_steps", 0))
@@ -370,6 +379,16 @@ class Trainer:
         autocast = (torch.autocast("cpu", dtype=PRECISION_DTYPES[precision]) if precision != "fp32" else None)
         per_sample = memory.largest_activation_per_sample(g, d, self.cfg.model.z_dim, autocast)
         memory.check_batch_fits(self.micro_batch, per_sample, self.info.device, self.cfg.train.batch_size)
+
+
+def _changed_metrics(changed: dict[str, Any]) -> dict[str, float]:
+    """{"train.betas": (0.5, 0.99)} -> {"resume_changed/train.betas.0": 0.5, ...}: one metric per number."""
+    out = {}
+    for name, value in changed.items():
+        values = value if isinstance(value, (tuple, list)) else (value,)
+        suffixes = [f".{i}" for i in range(len(values))] if len(values) > 1 else [""]
+        out.update({f"resume_changed/{name}{sfx}": float(v) for sfx, v in zip(suffixes, values)})
+    return out
 
 
 def _duration(seconds: float) -> str:
