@@ -1,11 +1,11 @@
 """The training loop: n_critic D steps, one G step, EMA, logging, samples, snapshots, evaluation.
 
-Randomness is a function of (train.seed, rank, step of the last snapshot): the latent generator
-and the data stream are re-seeded whenever a snapshot is written, so a resumed run draws exactly
-what the uninterrupted run would have drawn, with no per-rank RNG state to gather. A DDP run can
-resume on another world size with the same global batch (the data and latents are then drawn
-for the new ranks, so that run is equivalent, not identical); DeepSpeed ZeRO 1/2 cannot re-split
-its optimizer shards and refuses.
+A snapshot at any step resumes exactly: the latent generator is re-seeded from (train.seed, rank,
+step) at every step, on a schedule that does not depend on when snapshots happen, and the data
+stream is opened once per run and its position (every rank's, data/position.py) is stored in each
+snapshot; a resumed stream reads on from there. A DDP run can resume on another world size with
+the same global batch (the data and latents are then drawn for the new ranks, so that run is
+equivalent, not identical); DeepSpeed ZeRO 1/2 cannot re-split its optimizer shards and refuses.
 
 A step reads nothing from the device: statistics stay there (step_stats.py) until a logging step,
 and stopping is agreed by an asynchronous all-reduce read a step later (stopping.StopAgreement).
@@ -26,6 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 from sagan_dist import checkpoint, config, dist, memory
 from sagan_dist.activation_checkpointing import apply_activation_checkpointing
 from sagan_dist.data import build_loader, prepare_data
+from sagan_dist.data.position import StreamPosition, parse_saved, resume_position
 from sagan_dist.data.stream import StopRequested
 from sagan_dist.dist import DistInfo
 from sagan_dist.errors import Reported
@@ -59,10 +60,13 @@ class BatchStreamLike(Protocol):
 
     def next_batch(self, stop: Callable[[], bool] = ...) -> Batch: ...
 
+    def position(self) -> Optional[StreamPosition]: ...
+
     def close(self) -> None: ...
 
 
-BatchSource = Callable[[int], BatchStreamLike]  # seed -> this rank's batch stream
+# (seed, where to start or None) -> this rank's batch stream
+BatchSource = Callable[[int, Optional[StreamPosition]], BatchStreamLike]
 
 
 class Trainer:
@@ -88,6 +92,8 @@ class Trainer:
         self._saved_step = -1  # the step of the last step-N snapshot this process wrote
         self.best_fid = math.inf
         self.changed_on_resume: dict[str, Any] = {}
+        self._saved_data: Optional[dict[str, Any]] = None  # the resumed snapshot's stream positions
+        self._data_position: Optional[StreamPosition] = None  # this rank's, at the last step boundary
         self.stats = StepStats(info.device)
         self.agreement = StopAgreement()
         self.grid_z, self.grid_y = grid_latents(cfg, info.device)
@@ -97,8 +103,8 @@ class Trainer:
         run_id = self._resume()
         self.shards = dist.broadcast_object(prepare_data(cfg, self.run_dir) if info.is_main and batch_source is None
                                             else None)
-        self.batch_source = batch_source or (lambda seed: build_loader(cfg, self.shards, info.rank, info.world_size,
-                                                                        seed, info.device))
+        self.batch_source = batch_source or (lambda seed, start: build_loader(
+            cfg, self.shards, info.rank, info.world_size, seed, info.device, start))
         self.data_stream: Optional[BatchStreamLike] = None
         self.evaluator = None
         if cfg.eval.every > 0:
@@ -113,6 +119,8 @@ class Trainer:
         """n_critic discriminator updates, then one generator update and the EMA."""
         t = self.cfg.train
         batches = batches if batches is not None else self.next_batches()
+        # Every step's latents from (seed, rank, step): a resume at any step draws the same.
+        self.latent_gen.manual_seed(dist.rank_seed(t.seed, self.info.rank, self.step))
         d_stats = torch.stack([self._d_step(batches[i * t.accumulation:(i + 1) * t.accumulation])
                                for i in range(t.n_critic)]).mean(0)
         self.stats.add(torch.cat([d_stats, self._g_step()]))
@@ -167,7 +175,11 @@ class Trainer:
         t = self.cfg.train
         assert self.data_stream is not None
         try:
-            return [self.data_stream.next_batch(self._stop_aborts_wait) for _ in range(t.n_critic * t.accumulation)]
+            batches = [self.data_stream.next_batch(self._stop_aborts_wait) for _ in range(t.n_critic * t.accumulation)]
+            # Only a whole step's batches move the snapshot's position: a stop in the middle of
+            # fetching them leaves it where the weights are.
+            self._data_position = self.data_stream.position()
+            return batches
         except StopRequested:
             raise
         except Exception as e:
@@ -312,7 +324,7 @@ class Trainer:
                  "best_fid": self.best_fid, "G_ema": self.ema.state_dict(),
                  "process_seconds": self.gpu_hours() * 3600,
                  "config": redacted_config(config.to_container(self.cfg)), "tracking_run_id": self.tracker.run_id,
-                 "rng": {"torch": torch.get_rng_state()}}
+                 "rng": {"torch": torch.get_rng_state()}, "data": self._gathered_data_position()}
         path = checkpoint.save(self.run_dir, self.step, state, {"G": self.G, "D": self.D},
                                self.cfg.train.keep_checkpoints, self.info.is_main, name)
         if name is None:
@@ -321,19 +333,26 @@ class Trainer:
             if self.cfg.tracking.log_checkpoints:
                 self.tracker.log_artifact(path, f"checkpoints/{path.name}")
             log.info("snapshot %s", path)
-        self.start_segment()
         return path
 
+    def _gathered_data_position(self) -> Optional[dict[str, Any]]:
+        """Every rank's stream position (collective), as plain data for state.pt; None if a
+        batch source keeps none."""
+        ranks = dist.all_gather_objects(self._data_position.to_state() if self._data_position else None)
+        return None if None in ranks else {"world_size": self.info.world_size, "ranks": ranks}
+
     def start_segment(self) -> None:
-        """Re-seed latents and open the batch stream for the current step, from (seed, rank, step):
-        see the module docstring. fit() and every snapshot call it; a caller driving train_step()
-        itself (a benchmark) calls it once first."""
+        """Open the batch stream where the resumed snapshot left it (or at the start) and create
+        the latent generator: see the module docstring. fit() calls it; a caller driving
+        train_step() itself (a benchmark) calls it once first."""
         t, rank = self.cfg.train, self.info.rank
-        self.latent_gen = torch.Generator(self.info.device).manual_seed(dist.rank_seed(t.seed, rank, self.step))
-        torch.manual_seed(dist.rank_seed(t.seed + 1, rank, self.step))
+        self.latent_gen = torch.Generator(self.info.device)  # seeded at every step
+        torch.manual_seed(dist.rank_seed(t.seed + 1, rank, self.step))  # a step draws nothing from it
         if self.data_stream is not None:
             self.data_stream.close()
-        self.data_stream = self.batch_source(dist.rank_seed(t.seed, 0, self.step))
+        start = resume_position(self._saved_data, rank, self.info.world_size, max(1, self.cfg.data.workers))
+        self.data_stream = self.batch_source(dist.rank_seed(t.seed, 0, 0), start)
+        self._data_position = start
         self._wait_mark = self.data_stream.wait_s
 
     def _resume(self) -> str | None:
@@ -371,6 +390,7 @@ class Trainer:
         self.best_fid, self.skipped_steps = float(state["best_fid"]), int(state.get("skipped_steps", 0))
         self.process_seconds = float(state.get("process_seconds", 0.0))
         torch.set_rng_state(state["rng"]["torch"].cpu())
+        self._saved_data = parse_saved(state.get("data"))
         return state
 
     def micro_batch_fits(self, g: torch.nn.Module, d: torch.nn.Module) -> None:
