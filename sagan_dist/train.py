@@ -377,6 +377,7 @@ class Trainer:
     def _restore(self, snapshot: Path) -> dict[str, Any]:
         state = checkpoint.load_state(snapshot, self.info.device)
         checkpoint.check_compatible(state["config"], self.cfg, snapshot)
+        self._saved_data = parse_saved(state.get("data"))  # malformed: a damaged snapshot, before any load
         self.changed_on_resume = {}  # config key -> value now, where it differs from the snapshot's
         for net, engine in (("G", self.G), ("D", self.D)):
             for key, (saved, now) in engine.load(snapshot / net).items():
@@ -390,7 +391,6 @@ class Trainer:
         self.best_fid, self.skipped_steps = float(state["best_fid"]), int(state.get("skipped_steps", 0))
         self.process_seconds = float(state.get("process_seconds", 0.0))
         torch.set_rng_state(state["rng"]["torch"].cpu())
-        self._saved_data = parse_saved(state.get("data"))
         return state
 
     def micro_batch_fits(self, g: torch.nn.Module, d: torch.nn.Module) -> None:
