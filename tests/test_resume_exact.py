@@ -186,6 +186,18 @@ def test_every_sample_is_seen_once_per_pass_across_snapshots_and_a_resume(tmp_pa
     assert [p.name for p in checkpoint.list_checkpoints(tmp_path / "run")][-1] == "step-00000036"
 
 
+def test_a_snapshot_with_a_malformed_data_position_is_skipped_naming_it(tmp_path, caplog):
+    _trainer(tmp_path, "train.steps=4", "train.checkpoint_every=2").fit()
+    newest = checkpoint.list_checkpoints(tmp_path)[-1] / "state.pt"
+    state = torch.load(newest, weights_only=True)
+    state["data"]["ranks"][0]["readers"] = [[0, -5]]
+    torch.save(state, newest)
+    with caplog.at_level("WARNING"):
+        resumed = _trainer(tmp_path, "train.steps=4", "train.checkpoint_every=2")
+    assert resumed.step == 2
+    assert "step-00000004" in caplog.text and "'data'" in caplog.text
+
+
 # ---------------------------------------------------------------------------------------- 2 ranks
 def _torchrun(run_dir: Path, steps: int) -> None:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
