@@ -134,6 +134,9 @@ class SyntheticStream:
     def next_batch(self, stop: Callable[[], bool] = lambda: False) -> tuple[torch.Tensor, torch.Tensor]:
         return next(self._batches)
 
+    def position(self) -> None:
+        return None  # nothing to resume: the batches are random
+
     def close(self) -> None:
         pass
 
@@ -147,8 +150,8 @@ def build_trainer(v: Variant, s: Setup, info: DistInfo, workdir: Path) -> Traine
     cfg = load(["demo"], overrides(v, s, workdir, placeholder, info.world_size),
                world_size=info.world_size)
     micro = v.batch
-    trainer = Trainer(cfg, info, batch_source=lambda seed: SyntheticStream(micro, v.resolution,
-                                                                            s.classes, seed))
+    trainer = Trainer(cfg, info, batch_source=lambda seed, start: SyntheticStream(micro, v.resolution,
+                                                                                   s.classes, seed))
     trainer.start_segment()  # seeds latents exactly as training does, opens the batch stream
     return trainer
 

@@ -223,6 +223,15 @@ def broadcast_coalesced(tensors: list[torch.Tensor], src: int = 0) -> int:
     return len(by_dtype)
 
 
+def all_gather_objects(obj: Any) -> list[Any]:
+    """Every rank's ``obj`` (picklable), in rank order, on every rank; over the CPU control group."""
+    if not is_distributed():
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj, group=control_group())
+    return out
+
+
 def all_gather_tensor(t: torch.Tensor) -> torch.Tensor:
     """Concatenate equally shaped tensors from all ranks along dim 0."""
     if not is_distributed():
@@ -233,5 +242,5 @@ def all_gather_tensor(t: torch.Tensor) -> torch.Tensor:
 
 
 def rank_seed(seed: int, rank: int, step: int = 0) -> int:
-    """A distinct, reproducible seed per (run seed, rank, segment start step)."""
+    """A distinct, reproducible seed per (run seed, rank, step)."""
     return (seed * 1_000_003 + rank * 7_919 + step * 104_729) % (2**63 - 1)

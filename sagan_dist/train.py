@@ -1,11 +1,11 @@
 """The training loop: n_critic D steps, one G step, EMA, logging, samples, snapshots, evaluation.
 
-Randomness is a function of (train.seed, rank, step of the last snapshot): the latent generator
-and the data stream are re-seeded whenever a snapshot is written, so a resumed run draws exactly
-what the uninterrupted run would have drawn, with no per-rank RNG state to gather. A DDP run can
-resume on another world size with the same global batch (the data and latents are then drawn
-for the new ranks, so that run is equivalent, not identical); DeepSpeed ZeRO 1/2 cannot re-split
-its optimizer shards and refuses.
+A snapshot at any step resumes exactly: the latent generator is re-seeded from (train.seed, rank,
+step) at every step, on a schedule that does not depend on when snapshots happen, and the data
+stream is opened once per run and its position (every rank's, data/position.py) is stored in each
+snapshot; a resumed stream reads on from there. A DDP run can resume on another world size with
+the same global batch (the data and latents are then drawn for the new ranks, so that run is
+equivalent, not identical); DeepSpeed ZeRO 1/2 cannot re-split its optimizer shards and refuses.
 
 A step reads nothing from the device: statistics stay there (step_stats.py) until a logging step,
 and stopping is agreed by an asynchronous all-reduce read a step later (stopping.StopAgreement).
@@ -26,6 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 from sagan_dist import checkpoint, config, dist, memory
 from sagan_dist.activation_checkpointing import apply_activation_checkpointing
 from sagan_dist.data import build_loader, prepare_data
+from sagan_dist.data.position import StreamPosition, parse_saved, resume_position
 from sagan_dist.data.stream import StopRequested
 from sagan_dist.dist import DistInfo
 from sagan_dist.errors import Reported
@@ -59,10 +60,13 @@ class BatchStreamLike(Protocol):
 
     def next_batch(self, stop: Callable[[], bool] = ...) -> Batch: ...
 
+    def position(self) -> Optional[StreamPosition]: ...
+
     def close(self) -> None: ...
 
 
-BatchSource = Callable[[int], BatchStreamLike]  # seed -> this rank's batch stream
+# (seed, where to start or None) -> this rank's batch stream
+BatchSource = Callable[[int, Optional[StreamPosition]], BatchStreamLike]
 
 
 class Trainer:
@@ -87,6 +91,9 @@ class Trainer:
         self.stopped, self._clock = False, time.monotonic()
         self._saved_step = -1  # the step of the last step-N snapshot this process wrote
         self.best_fid = math.inf
+        self.changed_on_resume: dict[str, Any] = {}
+        self._saved_data: Optional[dict[str, Any]] = None  # the resumed snapshot's stream positions
+        self._data_position: Optional[StreamPosition] = None  # this rank's, at the last step boundary
         self.stats = StepStats(info.device)
         self.agreement = StopAgreement()
         self.grid_z, self.grid_y = grid_latents(cfg, info.device)
@@ -96,8 +103,8 @@ class Trainer:
         run_id = self._resume()
         self.shards = dist.broadcast_object(prepare_data(cfg, self.run_dir) if info.is_main and batch_source is None
                                             else None)
-        self.batch_source = batch_source or (lambda seed: build_loader(cfg, self.shards, info.rank, info.world_size,
-                                                                        seed, info.device))
+        self.batch_source = batch_source or (lambda seed, start: build_loader(
+            cfg, self.shards, info.rank, info.world_size, seed, info.device, start))
         self.data_stream: Optional[BatchStreamLike] = None
         self.evaluator = None
         if cfg.eval.every > 0:
@@ -112,6 +119,8 @@ class Trainer:
         """n_critic discriminator updates, then one generator update and the EMA."""
         t = self.cfg.train
         batches = batches if batches is not None else self.next_batches()
+        # Every step's latents from (seed, rank, step): a resume at any step draws the same.
+        self.latent_gen.manual_seed(dist.rank_seed(t.seed, self.info.rank, self.step))
         d_stats = torch.stack([self._d_step(batches[i * t.accumulation:(i + 1) * t.accumulation])
                                for i in range(t.n_critic)]).mean(0)
         self.stats.add(torch.cat([d_stats, self._g_step()]))
@@ -135,7 +144,7 @@ class Trainer:
                 self.D.backward(loss / accum)
             totals += torch.stack([loss.detach(), real_logits.detach().mean(), fake_logits.detach().mean()])
         result = self.D.step()
-        self.stats.update_applied(result)
+        self.stats.update_applied(result, "D")
         return torch.cat([totals / accum, result.grad_norm.reshape(1).to(totals)])
 
     def _g_step(self) -> torch.Tensor:
@@ -153,7 +162,7 @@ class Trainer:
             total += loss.detach()
         self.D.set_requires_grad(True)
         result = self.G.step()
-        self.stats.update_applied(result)
+        self.stats.update_applied(result, "G")
         return torch.stack([total / accum, result.grad_norm.to(total)])
 
     def _latents(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -166,7 +175,11 @@ class Trainer:
         t = self.cfg.train
         assert self.data_stream is not None
         try:
-            return [self.data_stream.next_batch(self._stop_aborts_wait) for _ in range(t.n_critic * t.accumulation)]
+            batches = [self.data_stream.next_batch(self._stop_aborts_wait) for _ in range(t.n_critic * t.accumulation)]
+            # Only a whole step's batches move the snapshot's position: a stop in the middle of
+            # fetching them leaves it where the weights are.
+            self._data_position = self.data_stream.position()
+            return batches
         except StopRequested:
             raise
         except Exception as e:
@@ -190,6 +203,8 @@ class Trainer:
                  self.step, t.steps, self.info.world_size, self.cfg.engine, t.precision, self.micro_batch)
         if self.info.is_main and self.step == 0:
             self.tracker.log_config(self.cfg, self.info)
+        if self.info.is_main and self.changed_on_resume:  # params cannot change in MLflow: metrics
+            self.tracker.log_metrics(_changed_metrics(self.changed_on_resume), self.step)
         try:
             if self.step >= t.steps:
                 log.info("already at step %d of %d: nothing to train", self.step, t.steps)
@@ -246,7 +261,7 @@ class Trainer:
 
     def _log_progress(self) -> None:
         t, stats = self.cfg.train, self.stats
-        means, skipped, streak = stats.read()
+        means, skipped, streaks = stats.read()
         self.skipped_steps += skipped
         seconds, steps = stats.seconds, stats.steps
         rate = steps * t.batch_size * t.n_critic / seconds if seconds > 0 else 0.0
@@ -270,12 +285,13 @@ class Trainer:
                      100 * means["data_wait_share"], _duration((t.steps - self.step) * seconds / max(steps, 1)))
             self.tracker.log_metrics(means, self.step)
         stats.reset()
+        net, streak = max(streaks.items(), key=lambda item: item[1])
         if streak >= t.max_bad_steps:
             raise NonFiniteError(
-                f"{streak} consecutive updates had non-finite losses or gradients (checked every "
+                f"{streak} consecutive {net} updates had non-finite losses or gradients (checked every "
                 f"train.log_every={t.log_every} steps); stopping instead of training on NaNs "
-                f"(train.max_bad_steps={t.max_bad_steps}). Try lower train.lr_d/lr_g, train.grad_clip, or "
-                "train.precision=bf16 instead of fp16.")
+                f"(train.max_bad_steps={t.max_bad_steps}). Try a lower train.lr_{net.lower()}, train.grad_clip, "
+                "or train.precision=bf16 instead of fp16.")
 
     def sample_grid(self) -> None:
         if not self.info.is_main:
@@ -308,7 +324,7 @@ class Trainer:
                  "best_fid": self.best_fid, "G_ema": self.ema.state_dict(),
                  "process_seconds": self.gpu_hours() * 3600,
                  "config": redacted_config(config.to_container(self.cfg)), "tracking_run_id": self.tracker.run_id,
-                 "rng": {"torch": torch.get_rng_state()}}
+                 "rng": {"torch": torch.get_rng_state()}, "data": self._gathered_data_position()}
         path = checkpoint.save(self.run_dir, self.step, state, {"G": self.G, "D": self.D},
                                self.cfg.train.keep_checkpoints, self.info.is_main, name)
         if name is None:
@@ -317,19 +333,26 @@ class Trainer:
             if self.cfg.tracking.log_checkpoints:
                 self.tracker.log_artifact(path, f"checkpoints/{path.name}")
             log.info("snapshot %s", path)
-        self.start_segment()
         return path
 
+    def _gathered_data_position(self) -> Optional[dict[str, Any]]:
+        """Every rank's stream position (collective), as plain data for state.pt; None if a
+        batch source keeps none."""
+        ranks = dist.all_gather_objects(self._data_position.to_state() if self._data_position else None)
+        return None if None in ranks else {"world_size": self.info.world_size, "ranks": ranks}
+
     def start_segment(self) -> None:
-        """Re-seed latents and open the batch stream for the current step, from (seed, rank, step):
-        see the module docstring. fit() and every snapshot call it; a caller driving train_step()
-        itself (a benchmark) calls it once first."""
+        """Open the batch stream where the resumed snapshot left it (or at the start) and create
+        the latent generator: see the module docstring. fit() calls it; a caller driving
+        train_step() itself (a benchmark) calls it once first."""
         t, rank = self.cfg.train, self.info.rank
-        self.latent_gen = torch.Generator(self.info.device).manual_seed(dist.rank_seed(t.seed, rank, self.step))
-        torch.manual_seed(dist.rank_seed(t.seed + 1, rank, self.step))
+        self.latent_gen = torch.Generator(self.info.device)  # seeded at every step
+        torch.manual_seed(dist.rank_seed(t.seed + 1, rank, self.step))  # a step draws nothing from it
         if self.data_stream is not None:
             self.data_stream.close()
-        self.data_stream = self.batch_source(dist.rank_seed(t.seed, 0, self.step))
+        start = resume_position(self._saved_data, rank, self.info.world_size, max(1, self.cfg.data.workers))
+        self.data_stream = self.batch_source(dist.rank_seed(t.seed, 0, 0), start)
+        self._data_position = start
         self._wait_mark = self.data_stream.wait_s
 
     def _resume(self) -> str | None:
@@ -354,8 +377,15 @@ class Trainer:
     def _restore(self, snapshot: Path) -> dict[str, Any]:
         state = checkpoint.load_state(snapshot, self.info.device)
         checkpoint.check_compatible(state["config"], self.cfg, snapshot)
-        self.G.load(snapshot / "G")
-        self.D.load(snapshot / "D")
+        self._saved_data = parse_saved(state.get("data"))  # malformed: a damaged snapshot, before any load
+        self.changed_on_resume = {}  # config key -> value now, where it differs from the snapshot's
+        for net, engine in (("G", self.G), ("D", self.D)):
+            for key, (saved, now) in engine.load(snapshot / net).items():
+                name = f"train.lr_{net.lower()}" if key == "lr" else f"train.{key}"
+                self.changed_on_resume[name] = now
+                if self.info.is_main:
+                    log.warning("%s of %s changed since %s: %s there, %s now (applied)", name, net, snapshot.name,
+                                saved, now)
         self.ema.load_state_dict(state["G_ema"])
         self.step, self.images_seen = int(state["step"]), int(state["images_seen"])
         self.best_fid, self.skipped_steps = float(state["best_fid"]), int(state.get("skipped_steps", 0))
@@ -369,6 +399,16 @@ class Trainer:
         autocast = (torch.autocast("cpu", dtype=PRECISION_DTYPES[precision]) if precision != "fp32" else None)
         per_sample = memory.largest_activation_per_sample(g, d, self.cfg.model.z_dim, autocast)
         memory.check_batch_fits(self.micro_batch, per_sample, self.info.device, self.cfg.train.batch_size)
+
+
+def _changed_metrics(changed: dict[str, Any]) -> dict[str, float]:
+    """{"train.betas": (0.5, 0.99)} -> {"resume_changed/train.betas.0": 0.5, ...}: one metric per number."""
+    out = {}
+    for name, value in changed.items():
+        values = value if isinstance(value, (tuple, list)) else (value,)
+        suffixes = [f".{i}" for i in range(len(values))] if len(values) > 1 else [""]
+        out.update({f"resume_changed/{name}{sfx}": float(v) for sfx, v in zip(suffixes, values)})
+    return out
 
 
 def _duration(seconds: float) -> str:

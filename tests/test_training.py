@@ -110,12 +110,40 @@ def test_non_finite_updates_are_skipped_then_stop_the_run(tmp_path):
     with torch.no_grad():
         tr.D.raw.linear.parametrizations.weight.original.fill_(float("nan"))
     g_before = _params(tr.G.raw)
-    with pytest.raises(NonFiniteError, match="4 consecutive updates"):
-        tr.fit()  # checked at the first logging step (train.log_every=2): 2 D + 2 G updates skipped
-    assert tr.skipped_steps == 4 and tr.step == 2
+    with pytest.raises(NonFiniteError, match="4 consecutive D updates"):
+        tr.fit()  # NaN in D spoils both networks' updates; each streak is 2 at step 2, 4 at step 4
+    assert tr.skipped_steps == 8 and tr.step == 4
     for k, v in tr.G.raw.state_dict().items():
         if k.endswith("original"):
             assert torch.equal(v, g_before[k]), "a skipped update must not change weights"
+
+
+@pytest.mark.parametrize("max_bad", [1, 3, 4])
+def test_a_discriminator_only_storm_stops_the_run_though_g_updates_are_applied(tmp_path, max_bad):
+    tr = _trainer(tmp_path, "train.steps=10", f"train.max_bad_steps={max_bad}")
+    d_loss = tr.d_loss
+    tr.d_loss = lambda real, fake: d_loss(real, fake) * float("inf")  # D's updates only are non-finite
+    with pytest.raises(NonFiniteError, match=r"consecutive D updates.*train\.lr_d"):
+        tr.fit()
+    stop = 2 * ((max_bad + 1) // 2)  # the streak is read every train.log_every=2 steps (1 D update each)
+    assert tr.step == stop and tr.skipped_steps == stop
+
+
+def test_streaks_are_counted_per_network():
+    from sagan_dist.engines import StepResult
+    from sagan_dist.step_stats import StepStats
+
+    stats = StepStats(torch.device("cpu"))
+    bad, good = StepResult(torch.tensor(False), torch.tensor(0.0)), StepResult(torch.tensor(True), torch.tensor(0.0))
+    for _ in range(3):
+        stats.update_applied(bad, "D")
+        stats.update_applied(good, "G")
+    stats.update_applied(bad, "G")
+    assert stats.read()[1:] == (4, {"D": 3, "G": 1})
+    stats.reset()
+    stats.update_applied(good, "D")  # an applied D update ends D's streak, not G's
+    stats.update_applied(bad, "G")
+    assert stats.read()[1:] == (1, {"D": 0, "G": 2})
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])

@@ -2,9 +2,10 @@
 
 * ``prepare_data(cfg, run_dir) -> str`` (rank 0): the shard URL pattern of the run, writing the
   embedded digits shards first if ``data.source=digits`` (sources.py);
-* ``build_loader(cfg, shards, rank, world_size, seed, device=None) -> BatchStream`` (every rank):
-  the reader (loader.py), read ahead by a thread; ``stream.next_batch(stop)`` raises
-  `StopRequested` or `DataStallError` instead of waiting for ever (stream.py);
+* ``build_loader(cfg, shards, rank, world_size, seed, device=None, start=None) -> BatchStream``
+  (every rank): the reader (loader.py), read ahead by a thread; ``stream.next_batch(stop)`` raises
+  `StopRequested` or `DataStallError` instead of waiting for ever (stream.py); ``stream.position()``
+  is where it stands, and ``start`` reads on from such a position (position.py: exact resume);
 * ``sagan-dist make-shards SRC OUT``: ImageFolder / ImageNet tree -> shards (shards.py).
 
 images.py converts any image mode to RGB for both; procs.py starts and stops the reader's

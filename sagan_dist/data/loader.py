@@ -6,14 +6,18 @@ process). A reader goes through *passes* over its shards, for ever:
 * ``data.resampled=false`` (default): in pass ``e`` every rank shuffles the full shard list with
   the same seed ``(seed, e)`` and takes every ``world_size``-th shard, and each of its readers
   every ``workers``-th of those, so within a pass no shard is read twice and none is left out;
-* ``data.resampled=true``: each reader draws its shards with replacement (webdataset's
-  ``ResampledShards``), seeded by ``(seed, rank, worker, pass)``; any shard count works.
+* ``data.resampled=true``: each reader draws its shards with replacement, seeded by
+  ``(seed, rank, reader, pass)``; any shard count works.
 
-A pass's samples go through a shuffle buffer that is drained at the end of the pass, so a pass
-holds each of its samples exactly once. Batches are cut from the endless sequence of passes:
-a rank whose shards hold fewer samples simply starts its next pass sooner, so every rank yields
-as many batches as it is asked for (no DDP hang on uneven shards) and no sample is dropped to
-even them out.
+A pass's samples go through a shuffle buffer seeded by ``(seed, rank, reader, pass)`` and drained
+at the end of the pass, so a pass holds each of its samples exactly once, in its own order. A
+sample's augmentation (random crop, flip) is seeded by its place in the pass, so a reader can
+start at any position (position.py): it reads that pass and drops the samples before it without
+decoding them, and yields from there exactly what a reader started at the beginning would.
+
+Batches are cut from the endless sequence of passes: a rank whose shards hold fewer samples
+simply starts its next pass sooner, so every rank yields as many batches as it is asked for (no
+DDP hang on uneven shards) and no sample is dropped to even them out.
 
 Decoding uses PIL's JPEG draft mode: the decoder scales the DCT by 1/2, 1/4 or 1/8 to the
 smallest size whose crop is still at least ``model.resolution``, which skips most of the work for
@@ -32,10 +36,12 @@ ignore the stop signals sent to the trainer's process group and are killed by ``
 
 Everything random derives from ``seed`` (which must be the same on every rank): building the
 loader again with the same arguments yields the same batches in the same order, with or without
-worker processes (the DataLoader takes batches from its workers in a fixed round-robin).
+worker processes (the DataLoader takes batches from its workers in a fixed round-robin; a resumed
+stream renumbers its workers so that its first batch comes from the reader whose turn it was).
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import logging
@@ -58,6 +64,7 @@ from webdataset.tariterators import group_by_keys, tar_file_expander
 from webdataset.utils import make_seed
 
 from sagan_dist.data.images import open_capped, to_rgb
+from sagan_dist.data.position import StreamPosition
 from sagan_dist.data.procs import ShardOpener
 from sagan_dist.data.stream import BatchStream
 
@@ -201,6 +208,7 @@ class ReaderSpec:
     max_warnings: int  # per reader
     max_bad_fraction: float
     max_pixels: int
+    start: Optional[StreamPosition] = None  # None: every reader at the beginning of pass 0
 
 
 class _Tally:
@@ -247,18 +255,18 @@ class _Tally:
             log.warning("rank %d worker %d: %s%s", self.spec.rank, self.worker, message, last)
 
 
-def _pass_shards(spec: ReaderSpec, worker: int, workers: int) -> Callable[[int], list[str]]:
-    """The shards one reader reads in pass ``e``, as a function of ``e``."""
+def _pass_shards(spec: ReaderSpec, reader: int, readers: int) -> Callable[[int], list[str]]:
+    """The shards one reader reads in pass ``e``, as a function of ``e`` (any ``e``, in any order)."""
     if spec.resampled:
-        per_pass = math.ceil(len(spec.urls) / (spec.world_size * workers))
-        sampler = wds.ResampledShards(list(spec.urls), nshards=per_pass, seed=make_seed(spec.seed, spec.rank),
-                                      worker_seed=lambda: worker, deterministic=True)
-        return lambda epoch: [s["url"] for s in sampler]  # each iteration is its next epoch
+        per_pass = math.ceil(len(spec.urls) / (spec.world_size * readers))
+        # -1: not the seed of the same pass's shuffle buffer
+        return lambda epoch: random.Random(make_seed(spec.seed, spec.rank, reader, epoch, -1)).choices(spec.urls,
+                                                                                                       k=per_pass)
 
     def disjoint(epoch: int) -> list[str]:
         urls = list(spec.urls)
         random.Random(make_seed(spec.seed, epoch)).shuffle(urls)  # same order on every rank
-        return urls[spec.rank::spec.world_size][worker::workers]
+        return urls[spec.rank::spec.world_size][reader::readers]
 
     return disjoint
 
@@ -285,29 +293,40 @@ def decode_sample(sample: dict[str, Any], spec: ReaderSpec, rng: random.Random) 
     return image, label
 
 
-def reader_samples(spec: ReaderSpec, worker: int, workers: int, tally: _Tally,
-                   opener: ShardOpener) -> Iterator[tuple[torch.Tensor, int]]:
-    """One reader's decoded samples, pass after pass, for ever."""
-    shards_of = _pass_shards(spec, worker, workers)
-    augment = random.Random(make_seed(spec.seed, spec.rank, worker))
-    for epoch in itertools.count():
+def reader_samples(spec: ReaderSpec, reader: int, readers: int, tally: _Tally, opener: ShardOpener,
+                   start: tuple[int, int] = (0, 0)) -> Iterator[tuple[torch.Tensor, int, tuple[int, int]]]:
+    """One reader's decoded samples, pass after pass, for ever, each with the reader's position
+    after it; from ``start`` = (pass, drawn) on: the samples before it are read, not decoded."""
+    shards_of = _pass_shards(spec, reader, readers)
+    first_epoch, skip = start
+    for epoch in itertools.count(first_epoch):
         urls = shards_of(epoch)
         # webdataset's tarfile_samples, with our opener: it can end a stalled pipe: command.
         files = tar_file_expander(opener.streams(urls, tally.read_failed), handler=tally.read_failed,
                                   select_files=_wanted)
         samples = group_by_keys(files, handler=tally.read_failed)
         if spec.shuffle_buffer > 1:
-            rng = random.Random(make_seed(spec.seed, spec.rank, worker, epoch))
+            rng = random.Random(make_seed(spec.seed, spec.rank, reader, epoch))
             samples = wds.shuffle(spec.shuffle_buffer, initial=spec.shuffle_buffer, rng=rng)(samples)
         good = 0
-        for item in wds.map(lambda s: decode_sample(s, spec, augment), handler=tally.sample_failed)(samples):
+        for drawn, sample in enumerate(samples, 1):
+            if epoch == first_epoch and drawn <= skip:
+                good += 1  # read before the resume: not an empty pass
+                continue
+            # Seeded by the sample's place, not by a running generator: a skipped sample draws nothing.
+            augment = random.Random(make_seed(spec.seed, spec.rank, reader, epoch, drawn))
+            try:
+                image, label = decode_sample(sample, spec, augment)
+            except BadSample as e:
+                tally.sample_failed(e)
+                continue
             good += 1
             tally.good += 1
-            yield item
+            yield image, label, (epoch, drawn)
         tally.end_pass(good, len(urls))
 
 
-def _collate(samples: Sequence[tuple[torch.Tensor, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+def _collate(samples: Sequence[tuple[torch.Tensor, int, Any]]) -> tuple[torch.Tensor, torch.Tensor]:
     # Stacked as uint8 and scaled to [-1, 1] in one op per batch: a quarter of the bytes to copy.
     images = torch.stack([s[0] for s in samples]).to(torch.float32).div_(127.5).sub_(1.0)
     return images, torch.tensor([s[1] for s in samples], dtype=torch.int64)
@@ -323,21 +342,27 @@ class _RankDataset(IterableDataset):
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         info = get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        tally = _Tally(self.spec, worker)
-        samples = reader_samples(self.spec, worker, workers, tally, self.opener)
-        for images, labels in wds.batched(self.spec.batch, collation_fn=_collate, partial=False)(samples):
-            # The counts ride along with the batch: workers have no other way back to the rank.
-            yield images, labels, torch.tensor([worker, tally.skipped, tally.bad_shards])
+        worker, readers = (info.id, info.num_workers) if info else (0, 1)
+        start = self.spec.start or StreamPosition.at_pass(readers)
+        # The DataLoader's worker 0 gives its first batch: make it the reader whose turn it is.
+        reader = (worker + start.next_reader) % readers
+        tally = _Tally(self.spec, reader)
+        samples = reader_samples(self.spec, reader, readers, tally, self.opener, start.readers[reader])
+        while chunk := list(itertools.islice(samples, self.spec.batch)):
+            images, labels = _collate(chunk)
+            epoch, drawn = chunk[-1][2]
+            # The counts and the position ride along with the batch: workers have no other way back.
+            yield images, labels, torch.tensor([reader, tally.skipped, tally.bad_shards, epoch, drawn])
 
 
 # ------------------------------------------------------------------------------ the rank's stream
 def build_loader(cfg: DictConfig, shards: str, rank: int, world_size: int, seed: int,
-                 device: Optional[torch.device] = None) -> BatchStream:
+                 device: Optional[torch.device] = None, start: Optional[StreamPosition] = None) -> BatchStream:
     """The infinite batch stream of ``rank`` out of ``world_size``; same arguments, same batches.
 
     Micro-batch b = train.batch_size // (world_size * train.accumulation). Batches come on
-    ``device`` when it is given (copied ahead on a side stream when it is CUDA).
+    ``device`` when it is given (copied ahead on a side stream when it is CUDA). ``start``: where
+    to read on (a `BatchStream.position()` of a stream with the same arguments); None: the start.
     """
     d, t = cfg.data, cfg.train
     urls = shard_urls(shards)
@@ -354,8 +379,12 @@ def build_loader(cfg: DictConfig, shards: str, rank: int, world_size: int, seed:
         shuffle_buffer=d.shuffle_buffer, use_draft=d.decode == "draft", crop=d.crop,
         min_scale=d.min_scale, flip=d.flip, max_warnings=math.ceil(d.max_warnings / readers),
         max_bad_fraction=d.max_bad_fraction, max_pixels=d.max_pixels)
+    if start is not None and len(start.readers) != readers:
+        raise ValueError(f"a stream position of {len(start.readers)} readers cannot start {readers} (data.workers)")
+    spec = dataclasses.replace(spec, start=start or StreamPosition.at_pass(readers))
     total = d.epoch_samples or index_total(urls)
     dataset = _RankDataset(spec)
     return BatchStream(dataset, dataset.opener, pattern=shards, rank=rank, seed=seed, workers=d.workers,
+                       start=spec.start,
                        epoch_batches=total // (world_size * batch) if total else None,
                        stall_timeout_s=d.stall_timeout_s, device=device)

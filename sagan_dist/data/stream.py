@@ -10,7 +10,8 @@ copy overlap the step. Waiting happens in slices of at most WAIT_SLICE_S, so tha
   ``data.stall_timeout_s`` instead of hanging every rank at the next collective.
 
 ``wait_s`` adds up the time the consumer spent waiting: the share of step time lost to data.
-Batches come in the DataLoader's order, so the same arguments still give the same batches.
+Batches come in the DataLoader's order, so the same arguments still give the same batches, and
+`position()` says where the consumer stands (position.py): batches read ahead do not count.
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from typing import Any, Callable, Iterator, Optional
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
+from sagan_dist.data.position import StreamPosition
 from sagan_dist.data.procs import ReaderClosed, ShardOpener, init_worker, stop_workers
 from sagan_dist.errors import Reported
 
@@ -57,7 +59,7 @@ class BatchStream:
 
     def __init__(self, dataset: IterableDataset, opener: ShardOpener, *, pattern: str, rank: int,
                  seed: int, workers: int, epoch_batches: Optional[int], stall_timeout_s: float,
-                 device: Optional[torch.device] = None) -> None:
+                 device: Optional[torch.device] = None, start: Optional[StreamPosition] = None) -> None:
         self.pattern, self.rank, self.epoch_batches = pattern, rank, epoch_batches
         self.stall_timeout_s, self.device = stall_timeout_s, device
         self.wait_s = 0.0
@@ -73,6 +75,8 @@ class BatchStream:
         self._closed = threading.Event()
         self._thread: Optional[threading.Thread] = None
         self._counts: dict[int, tuple[int, int]] = {}
+        start = start or StreamPosition.at_pass(max(1, workers))
+        self._next_reader, self._positions = start.next_reader, list(start.readers)
 
     @property
     def skipped(self) -> int:
@@ -81,6 +85,10 @@ class BatchStream:
     @property
     def bad_shards(self) -> int:
         return sum(c[1] for c in self._counts.values())
+
+    def position(self) -> StreamPosition:
+        """Where the consumer stands: after the last batch `next_batch` returned."""
+        return StreamPosition(self._next_reader, tuple(self._positions))
 
     def __iter__(self) -> "BatchStream":
         return self
@@ -107,8 +115,10 @@ class BatchStream:
             current.wait_event(ready)
             images.record_stream(current)
             labels.record_stream(current)
-        worker, skipped, bad_shards = (int(c) for c in counts)
-        self._counts[worker] = (skipped, bad_shards)
+        reader, skipped, bad_shards, epoch, drawn = (int(c) for c in counts)
+        self._counts[reader] = (skipped, bad_shards)
+        self._positions[reader] = (epoch, drawn)
+        self._next_reader = (reader + 1) % len(self._positions)
         return images, labels
 
     def _wait(self, began: float, stop: Callable[[], bool]) -> Any:

@@ -9,7 +9,7 @@ import contextlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ContextManager
+from typing import Any, ContextManager
 
 import torch
 from torch import nn
@@ -31,6 +31,7 @@ class Engine(ABC):
     raw: nn.Module  # the plain model inside (for EMA, sampling, and calls that must not sync)
     device: torch.device
     precision: str
+    configured: dict[str, Any]  # the config's optimizer settings: {"lr": float, "betas": (float, float)}
 
     def autocast(self) -> ContextManager:
         """Mixed-precision context for forward passes (identity in fp32)."""
@@ -60,8 +61,27 @@ class Engine(ABC):
         """Collective: every rank calls it; writes this network's weights and optimizer state."""
 
     @abstractmethod
-    def load(self, path: Path) -> None:
-        """Collective: restore what `save` wrote; raises if it is missing or unreadable."""
+    def load(self, path: Path) -> dict[str, tuple[Any, Any]]:
+        """Collective: restore what `save` wrote; raises if it is missing or unreadable. The
+        configured learning rate and betas replace the snapshot's (see `apply_configured`)."""
+
+    def apply_configured(self, param_groups: list[dict[str, Any]]) -> dict[str, tuple[Any, Any]]:
+        """Put the configured ``lr`` and ``betas`` (``self.configured``) into a just-loaded
+        optimizer's groups: a changed config must win over the snapshot, or lowering train.lr_d
+        after a NaN storm would silently do nothing. Returns {name: (saved, configured)} of those
+        that differed."""
+        changed = {}
+        for key, value in self.configured.items():
+            saved = param_groups[0].get(key)
+            if saved is not None and _floats(saved) != _floats(value):
+                changed[key] = (saved, value)
+            for group in param_groups:
+                group[key] = value
+        return changed
 
     def set_requires_grad(self, flag: bool) -> None:
         self.raw.requires_grad_(flag)
+
+
+def _floats(value: Any) -> tuple[float, ...]:
+    return tuple(float(v) for v in value) if isinstance(value, (tuple, list)) else (float(value),)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import contextlib
 from pathlib import Path
-from typing import ContextManager
+from typing import Any, ContextManager
 
 import torch
 from torch import nn
@@ -56,6 +56,7 @@ class DDPEngine(Engine):
                                                forward_sync_buffers=False, gradient_as_bucket_view=True)
                        if is_distributed() else self.raw)
         self.optimizer = adam(list(self.raw.parameters()), lr, betas, device)
+        self.configured = {"lr": float(lr), "betas": (float(betas[0]), float(betas[1]))}
         self.scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
         self._buffers = replica_buffers(self.raw)
 
@@ -100,9 +101,10 @@ class DDPEngine(Engine):
         if self.is_main:  # DDP replicas are identical: rank 0 writes for all
             fsio.save_torch(self.state_dict(), path.with_suffix(".pt"))
 
-    def load(self, path: Path) -> None:
+    def load(self, path: Path) -> dict[str, tuple[Any, Any]]:
         state = fsio.load_torch(path.with_suffix(".pt"), map_location=self.device)
         self.raw.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
+        return self.apply_configured(self.optimizer.param_groups)
 

@@ -227,6 +227,7 @@ class DeepSpeedEngine(Engine):
         optimizer = torch.optim.Adam(model.parameters(), lr=lr, betas=(float(betas[0]), float(betas[1])),
                                      fused=self._mask_non_finite or None)
         self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds)
+        self.configured = {"lr": float(lr), "betas": (float(betas[0]), float(betas[1]))}
         if self._mask_non_finite and self.engine.optimizer is not optimizer:
             # found_inf must reach the Adam that steps; a wrapper would silently apply NaN updates.
             raise RuntimeError(f"DeepSpeed wrapped the ZeRO 0 fp32 optimizer of {name} "
@@ -298,7 +299,7 @@ class DeepSpeedEngine(Engine):
     def save(self, path: Path) -> None:
         self.engine.save_checkpoint(str(path), tag=TAG, save_latest=False)
 
-    def load(self, path: Path) -> None:
+    def load(self, path: Path) -> dict[str, tuple[Any, Any]]:
         self._check_layout(path)
         # Every rank reaches the same verdict before DeepSpeed starts its collectives, so a missing
         # or planted shard makes all ranks refuse (and fall back to the previous snapshot) instead
@@ -316,6 +317,8 @@ class DeepSpeedEngine(Engine):
         # DeepSpeed reports a checkpoint it cannot find with a warning and (None, None).
         if not _agree(load_path is not None, self.device):
             raise FileNotFoundError(f"DeepSpeed could not load the checkpoint of {self.name} at {path / TAG}")
+        # The groups get_lr() reads and Adam steps with (ZeRO's wrapper hands out its inner Adam's).
+        return self.apply_configured(self.engine.optimizer.param_groups)
 
     def _check_layout(self, path: Path) -> None:
         """A snapshot of another ZeRO stage or ZeRO world size is a config error, not a corrupt
