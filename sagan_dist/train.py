@@ -341,15 +341,24 @@ class Trainer:
             dist.barrier()
             return None
         if mode == "auto":
-            found = checkpoint.load_latest(self.run_dir, self._restore)
+            found = checkpoint.load_latest(self.run_dir, self._restore_finite)
             if found is None:
                 return None
             snapshot, state = found
         else:
             snapshot = checkpoint.resolve_snapshot(mode)
-            state = self._restore(snapshot)
+            state = checkpoint.load_chosen(snapshot, self._restore_finite)  # every rank, rank 0's choice
+            if self.info.is_main:  # the later snapshots are another timeline now: never resumed by auto
+                checkpoint.set_aside_later(self.run_dir, self.step)
+            dist.barrier()
         log.info("resumed from %s at step %d", snapshot, self.step)
         return state.get("tracking_run_id")
+
+    def _restore_finite(self, snapshot: Path) -> dict[str, Any]:
+        """_restore, refusing (naming it) a snapshot with inf/nan weights, so auto takes the one before."""
+        state = self._restore(snapshot)
+        checkpoint.require_finite(snapshot, {"G": self.G.raw, "D": self.D.raw, "EMA generator": self.ema.model})
+        return state
 
     def _restore(self, snapshot: Path) -> dict[str, Any]:
         state = checkpoint.load_state(snapshot, self.info.device)

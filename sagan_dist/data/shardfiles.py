@@ -57,8 +57,11 @@ def _atomic_file(path: Path) -> Iterator[io.BufferedWriter]:
         os.fsync(f.fileno())
         os.replace(tmp, path)  # under the lock: a sweeper never removes a complete temporary
         fsio.fsync_dir(path.parent)
+    except OSError as e:
+        raise fsio.disk_full(e, path) from e  # ENOSPC -> "disk full ... <shard>", others unchanged
     finally:
-        f.close()
+        with contextlib.suppress(OSError):  # flushed above; after a failed write, the first error counts
+            f.close()
         tmp.unlink(missing_ok=True)
 
 
