@@ -23,7 +23,7 @@ from typing import Any, Callable, Optional, Protocol, Sequence
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from sagan_dist import checkpoint, config, dist, memory
+from sagan_dist import checkpoint, config, dist, memory, run_lock
 from sagan_dist.activation_checkpointing import apply_activation_checkpointing
 from sagan_dist.data import build_loader, prepare_data
 from sagan_dist.data.stream import StopRequested
@@ -395,7 +395,7 @@ def main(items: Sequence[str]) -> int:
         setup_logging(info, Path(cfg.train.run_dir))
         if info.is_main:
             log.info("config:\n%s", OmegaConf.to_yaml(redacted_config(config.to_container(cfg))))
-        with dist.collective_failures(cfg.train.collective_timeout_s):
+        with dist.collective_failures(cfg.train.collective_timeout_s), run_lock.hold(Path(cfg.train.run_dir), info):
             trainer = Trainer(cfg, info, stop=stop)
             trainer.fit()
         stopped = trainer.stopped
