@@ -13,6 +13,7 @@ finds a better FID, and never rotated away; rotation never removes the snapshot 
 from __future__ import annotations
 
 import contextlib
+import copy
 import errno
 import logging
 import os
@@ -35,6 +36,9 @@ STATE_FILE = "state.pt"
 RUNTIME_MODEL_KEYS = ("checkpoint_from", "checkpoint_blocks", "sync_bn", "channels_last")
 # An engine's save that fails with less free space than this on its volume failed for a full disk.
 FULL_BELOW_BYTES = 1 << 20
+# What a stored data.shards that would start a process becomes: a path that cannot exist (under a
+# file), so any reader fails naming it, and a command never runs.
+SHARDS_NOT_STORED = "/dev/null/data.shards-of-the-snapshot-is-a-command-pass-data.shards-now"
 
 
 class CheckpointError(RuntimeError, Reported):
@@ -376,10 +380,44 @@ def load_generator(path: str | Path, device: torch.device) -> tuple[torch.nn.Mod
 
     snapshot = resolve_snapshot(path)
     state = load_state(snapshot)
+    state["config"] = stored_config(state["config"], snapshot)
     cfg = from_container(state["config"], world_size=1)
     g, _ = build_models(cfg)
     g.load_state_dict(state["G_ema"])
     return g.to(device).eval(), cfg, state, snapshot
+
+
+def stored_config(saved: dict[str, Any], snapshot: Path) -> dict[str, Any]:
+    """A config read from a snapshot, as data: the keys that would choose where to write
+    (``eval.cache_dir``, ``tracking.uri``) back at their defaults, and ``data.shards`` replaced by
+    SHARDS_NOT_STORED when it holds anything but local paths (a ``pipe:`` command, or a URL webdataset opens through a
+    shell). Commands and write paths come only from what the user passes now."""
+    out = copy.deepcopy(saved)
+    cleared = []
+    for section, key in (("eval", "cache_dir"), ("tracking", "uri")):
+        if out.get(section, {}).get(key):
+            out[section][key] = ""
+            cleared.append(f"{section}.{key}")
+    shards = out.get("data", {}).get("shards")
+    if shards and not _local_paths_only(str(shards)):
+        out["data"]["shards"] = SHARDS_NOT_STORED
+        cleared.append("data.shards")
+    if cleared:
+        log.info("not taken from %s's stored config (pass them now if needed): %s", snapshot, ", ".join(cleared))
+    return out
+
+
+def _local_paths_only(pattern: str) -> bool:
+    """Whether every shard of ``pattern`` is a local path (or ``file:`` URL), so reading it starts no process."""
+    from urllib.parse import urlparse
+
+    import webdataset as wds
+
+    try:
+        urls = wds.shardlists.expand_urls(pattern)
+    except Exception:  # noqa: BLE001 - a pattern it cannot expand is not one to trust
+        return False
+    return all(urlparse(u).scheme in ("", "file") for u in urls)
 
 
 def resolve_snapshot(path: str | Path) -> Path:

@@ -248,3 +248,51 @@ def test_the_heartbeat_renews_the_lock_and_release_removes_only_its_own(tmp_path
     _plant(tmp_path, token="someone-else")  # taken over while we were stalled
     lock.release()
     assert (tmp_path / run_lock.LOCK_NAME).is_file()
+
+
+# ---- 4. a stored config is data ----------------------------------------------------------------
+@pytest.fixture(scope="module")
+def one_snapshot(tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("stored") / "run"
+    _trainer(run_dir, "train.steps=1").fit()
+    return run_dir
+
+
+def _planted(one_snapshot: Path, tmp_path: Path, shards: str) -> tuple[Path, Path]:
+    """A copy of the run whose snapshot's config says: read shards through ``shards``, cache FID in victim/."""
+    run_dir = tmp_path / "run"
+    subprocess.run(["cp", "-a", str(one_snapshot), str(run_dir)], check=True)
+    state_file = checkpoint.list_checkpoints(run_dir)[-1] / checkpoint.STATE_FILE
+    state = torch.load(state_file, weights_only=True)
+    victim = tmp_path / "victim"
+    state["config"]["data"].update(source="shards", shards=shards)
+    state["config"]["eval"]["cache_dir"] = str(victim)
+    state["config"]["tracking"]["uri"] = f"file://{victim}"
+    torch.save(state, state_file)
+    return run_dir, victim
+
+
+@pytest.mark.parametrize("command", ["pipe:touch {marker}; cat {tar}", "http://localhost:1/x';touch {marker};'.tar"])
+def test_a_command_in_a_snapshots_stored_config_never_runs(one_snapshot, tmp_path, command):
+    from sagan_dist import cli
+    from sagan_dist.evaluation.command import load_snapshot
+
+    marker = tmp_path / "PWNED"
+    tar = next((one_snapshot / "data").glob("*.tar"))
+    run_dir, victim = _planted(one_snapshot, tmp_path, command.format(marker=marker, tar=tar))
+    with pytest.raises(SystemExit, match="never taken from a stored config; name them: --data 'PATTERN'"):
+        cli.main(["attention", str(run_dir), "--net", "D", "--data", "--out", str(tmp_path / "maps")])
+    assert cli.main(["evaluate", str(run_dir), "eval.num_samples=8"]) == 2  # config error: pass data.shards
+    _, cfg, _, _ = load_snapshot(run_dir, [f"data.shards={tar}"], torch.device("cpu"))
+    assert (cfg.data.shards, cfg.eval.cache_dir, cfg.tracking.uri) == (str(tar), "", "")
+    assert not marker.exists() and not victim.exists()
+
+
+def test_local_shards_in_a_stored_config_are_still_read(one_snapshot, tmp_path):
+    from sagan_dist import cli
+
+    tar = next((one_snapshot / "data").glob("*.tar"))
+    run_dir, victim = _planted(one_snapshot, tmp_path, str(tar))
+    out = tmp_path / "maps"
+    assert cli.main(["attention", str(run_dir), "--net", "D", "--data", "--out", str(out), "--n", "2"]) == 0
+    assert (out / "maps.pt").is_file() and not victim.exists()
