@@ -93,15 +93,21 @@ def save(run_dir: Path, step: int, state: dict[str, Any], engines: dict[str, Any
         fsio.own_dir(root)
         fsio.make_fresh_dir(tmp)  # leftovers of a crash mid-save (or a planted link) go first
     dist.barrier()
-    for engine_name, engine in engines.items():
-        _engine_save(engine, tmp / engine_name)
-    # Whatever engine wrote them (DeepSpeed's shards too), this rank's files are on disk before the
-    # snapshot is renamed final: fsync from the writer's own node is what counts on NFS.
-    fsio.fsync_tree(tmp)
-    dist.barrier()
+    try:
+        for engine_name, engine in engines.items():
+            _engine_save(engine, tmp / engine_name)
+        # Whatever engine wrote them (DeepSpeed's shards too), this rank's files are on disk before the
+        # snapshot is renamed final: fsync from the writer's own node is what counts on NFS.
+        fsio.fsync_tree(tmp)
+        dist.barrier()
+        if is_main:
+            fsio.save_torch(state, tmp / STATE_FILE)
+            fsio.fsync_dir(tmp)
+    except fsio.DiskFullError:
+        if not dist.is_distributed():  # with peers still writing into it, the next start's clean_stale does it
+            fsio.remove(tmp)  # its space is what the next save needs
+        raise
     if is_main:
-        fsio.save_torch(state, tmp / STATE_FILE)
-        fsio.fsync_dir(tmp)
         if final.exists() or final.is_symlink():  # "best" again, or a preemption snapshot at a step that has one
             old = root / f"{name}.old"
             fsio.remove(old)
