@@ -166,11 +166,12 @@ def _tensors(obj: Any) -> list[torch.Tensor]:
     return []
 
 
-def non_finite(nets: dict[str, Any]) -> list[str]:
-    """The names of ``nets`` (modules or state dicts) holding a non-finite tensor, on every rank
-    alike. Computed on the device, combined over ranks in one collective, read once."""
+def non_finite(nets: dict[str, Any], agree: bool = True) -> list[str]:
+    """The names of ``nets`` (modules or state dicts) holding a non-finite tensor. Computed on the
+    device and read once; with ``agree``, combined over ranks first (one collective), so every rank
+    gets the same answer."""
     flags = _finite_flags(nets)
-    if dist.is_distributed():
+    if agree and dist.is_distributed():
         import torch.distributed as tdist
 
         if tdist.get_backend() == "nccl" and flags.device.type != "cuda":
@@ -191,8 +192,10 @@ def _refuse_non_finite(step: int, nets: dict[str, Any], root: Path) -> None:
 
 def require_finite(snapshot: Path, nets: dict[str, Any]) -> None:
     """After a restore: refuse a snapshot whose weights are not finite (one written before this
-    check existed), naming it, so resume=auto falls back to the one before."""
-    bad = non_finite(nets)
+    check existed), naming it, so resume=auto falls back to the one before. Local to this rank:
+    it runs inside a restore, where a rank that failed earlier would never join a collective
+    (load_chosen gathers every rank's verdict afterwards)."""
+    bad = non_finite(nets, agree=False)
     if bad:
         raise CheckpointError(f"snapshot {snapshot} holds non-finite (inf/nan) weights of {', '.join(bad)}")
 

@@ -296,3 +296,46 @@ def test_local_shards_in_a_stored_config_are_still_read(one_snapshot, tmp_path):
     out = tmp_path / "maps"
     assert cli.main(["attention", str(run_dir), "--net", "D", "--data", "--out", str(out), "--n", "2"]) == 0
     assert (out / "maps.pt").is_file() and not victim.exists()
+
+
+# ---- 6. rank 0 chooses the snapshot ------------------------------------------------------------
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("damage", ["truncated", "zeroed"])
+def test_a_rank_that_cannot_load_rank_0s_snapshot_fails_the_group_naming_rank_and_file(tmp_path, monkeypatch,
+                                                                                       damage):
+    """Two "nodes" of one process each; node 1 runs in its own mount namespace where the newest
+    snapshot's D.pt is another file (a stale NFS view): truncated (another size) or zeroed (same
+    size, unreadable). Rank 0 reads it fine, so every rank must stop, naming rank 1 and the file,
+    instead of rank 1 quietly resuming from the snapshot before."""
+    from launcher.local import Rendezvous, free_port
+
+    run_dir = tmp_path / "run"
+    _trainer(run_dir, "train.steps=4", "train.checkpoint_every=2").fit()
+    target = checkpoint.list_checkpoints(run_dir)[-1] / "D.pt"
+    stale = tmp_path / "stale-D.pt"
+    data = target.read_bytes()
+    stale.write_bytes(data[:100] if damage == "truncated" else bytes(len(data)))
+    monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")
+    master = f"127.0.0.1:{free_port()}"
+    procs = []
+    for node in (0, 1):
+        rdzv = Rendezvous(min_nodes=2, max_nodes=2, node_rank=node, master=master)
+        cmd = [sys.executable, "-m", "torch.distributed.run", *rdzv.torchrun_flags(), "--nproc-per-node=1",
+               "-m", "sagan_dist.cli", "train", "demo", *TINY, f"train.run_dir={run_dir}", "train.steps=6",
+               "train.collective_timeout_s=120"]
+        if node == 1:
+            cmd = ["unshare", "-m", "--propagation", "private", "sh", "-c",
+                   'mount --bind "$1" "$2" && shift 2 && exec "$@"', "sh", str(stale), str(target), *cmd]
+        procs.append(_cli_raw(cmd, tmp_path / f"node{node}.log"))
+    rcs = [p.wait(timeout=500) for p in procs]
+    logs = "\n".join((tmp_path / f"node{n}.log").read_text() for n in (0, 1))
+    assert rcs[0] != 0 and rcs[1] != 0, logs[-4000:]
+    assert f"rank 1 cannot load snapshot {target.parent}, which rank 0 chose" in logs, logs[-4000:]
+    if damage == "truncated":
+        assert f"{target}: 100 bytes here, {len(data)} bytes on rank 0" in logs
+    assert "resumed from" not in logs and _steps(run_dir) == [2, 4]
+
+
+def _cli_raw(cmd: list[str], log: Path) -> subprocess.Popen:
+    return subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT, cwd=log.parent)
