@@ -9,7 +9,9 @@ lock over only when its owner is provably dead:
 * same host, boot and pid namespace: the pid is gone, or is another process now (start time);
 * the same host rebooted since (another boot id);
 * otherwise (another host, another container): the heartbeat is older than the lease, which
-  assumes the hosts' clocks agree to well under ``LEASE_S`` (NTP does).
+  assumes the hosts' clocks agree to well under ``LEASE_S`` (NTP does). A lock whose heartbeat is
+  more than half a lease old (two beats missed: a pod killed on another node) is waited out
+  rather than refused, so a restarted job does not fail for it.
 
 Otherwise it is refused with a message naming the owner. Take-over renames the stale file to a
 name of the taker's own, checks it moved the stale owner's file (not a racer's fresh one) and
@@ -146,6 +148,8 @@ class RunLock:
                 continue  # released just now: try again
             now = time.time()
             reason = dead_because(owner, now, self.record)
+            if reason is None and self._wait_out(owner, now):
+                continue
             if reason is None:
                 raise RunDirLocked(
                     f"run directory {self.path.parent} is in use by another trainer: {_describe(owner, now)}, "
@@ -153,6 +157,19 @@ class RunLock:
                     "taken over: at once on its own host, after the lease from another)")
             self._take_over(owner, reason)
         raise RunDirLocked(f"could not take the run lock {self.path}: other trainers kept taking it")
+
+    def _wait_out(self, owner: dict[str, Any], now: float) -> bool:
+        """A lock whose heartbeat missed two beats (its owner was most likely killed: a preempted pod
+        on another node) is waited out to the end of its lease, instead of failing a restarted job
+        that would then only be restarted again. Returns whether it waited."""
+        lease = float(owner.get("lease_s", LEASE_S))
+        remaining = float(owner.get("heartbeat", 0)) + lease - now
+        if not 0 < remaining <= lease / 2:
+            return False
+        log.warning("run lock %s: waiting %.0f s for the lease of %s to run out (its heartbeat stopped)",
+                    self.path, remaining + 1, _describe(owner, now))
+        time.sleep(remaining + 1)
+        return True
 
     def _create(self) -> bool:
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC

@@ -211,9 +211,10 @@ def test_a_reused_pid_on_this_host_is_a_dead_owner(tmp_path):
     run_lock.RunLock(tmp_path).acquire().release()
 
 
-@pytest.mark.parametrize("age, taken", [(119.0, False), (121.0, True)])
+@pytest.mark.parametrize("age, taken", [(30.0, False), (59.0, False), (119.0, True), (121.0, True)])
 def test_another_hosts_lock_is_taken_over_only_after_its_lease(tmp_path, age, taken):
-    """Below and above the 120 s lease (at it, the check is `older than`: still held)."""
+    """The 120 s lease: a live heartbeat (under half a lease old) is refused; 119 s old is waited
+    out (about 2 s here) and then taken; 121 s old is taken at once."""
     _plant(tmp_path, host="other-node", boot_id="b", pid=1, heartbeat=time.time() - age)
     if taken:
         lock = run_lock.RunLock(tmp_path).acquire()
@@ -223,6 +224,17 @@ def test_another_hosts_lock_is_taken_over_only_after_its_lease(tmp_path, age, ta
     else:
         with pytest.raises(run_lock.RunDirLocked, match="host other-node pid 1"):
             run_lock.RunLock(tmp_path).acquire()
+
+
+def test_a_lock_whose_heartbeat_stopped_is_waited_out_to_the_end_of_its_lease(tmp_path):
+    """Half a lease old (two beats missed, lease 4 s): waited for, then taken; a fresher one is refused."""
+    _plant(tmp_path, host="other-node", boot_id="b", pid=1, lease_s=4.0, heartbeat=time.time() - 1.0)
+    with pytest.raises(run_lock.RunDirLocked, match="host other-node pid 1"):
+        run_lock.RunLock(tmp_path).acquire()
+    _plant(tmp_path, host="other-node", boot_id="b", pid=1, lease_s=4.0, heartbeat=time.time() - 2.5)
+    started = time.monotonic()
+    run_lock.RunLock(tmp_path).acquire().release()
+    assert time.monotonic() - started >= 1.5  # it waited out the rest of the lease
 
 
 def test_a_lock_planted_as_a_symlink_is_refused_by_name(tmp_path):
