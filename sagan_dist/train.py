@@ -23,7 +23,7 @@ from typing import Any, Callable, Optional, Protocol, Sequence
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from sagan_dist import checkpoint, config, dist, memory, run_lock
+from sagan_dist import checkpoint, config, dist, fsio, memory, run_lock
 from sagan_dist.activation_checkpointing import apply_activation_checkpointing
 from sagan_dist.data import build_loader, prepare_data
 from sagan_dist.data.stream import StopRequested
@@ -283,12 +283,13 @@ class Trainer:
         self.ema.model.eval()
         with torch.no_grad():
             images = self.ema.model(self.grid_z, self.grid_y)
-        path = save_grid(images, self.run_dir / "samples" / f"step-{self.step:08d}.png",
+        path = save_grid(images, fsio.own_dir(self.run_dir / "samples") / f"step-{self.step:08d}.png",
                          nrow=self.cfg.train.samples_per_class)
         self.tracker.log_image(path, self.step)
         if self.cfg.train.attention_points and attention_layers(self.ema.model):
+            folder = fsio.own_dir(self.run_dir / "attention")  # a link planted mid-run is refused
             sheets, metrics = attention_summary(self.ema.model, self.grid_z, self.grid_y,
-                                                self.cfg.train.attention_points, self.run_dir / "attention", self.step)
+                                                self.cfg.train.attention_points, folder, self.step)
             for layer, sheet in sheets.items():
                 self.tracker.log_image(sheet, self.step, key=f"attention/{layer}")
             self.tracker.log_metrics(metrics, self.step)

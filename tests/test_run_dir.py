@@ -96,6 +96,19 @@ def test_snapshots_are_never_written_or_rotated_through_a_link_planted_mid_run(t
     assert [p.name for p in victim.iterdir()] == ["step-00000001"]
 
 
+@pytest.mark.parametrize("folder", ["samples", "attention"])
+def test_sample_grids_and_attention_sheets_are_never_written_through_a_link_planted_mid_run(tmp_path, folder):
+    run_dir, victim = tmp_path / "r", tmp_path / "victim"
+    trainer = _trainer(run_dir, "train.steps=2", "train.attention_points=2")
+    victim.mkdir()
+    if folder == "attention":
+        fsio.own_dir(run_dir / "samples")
+    (run_dir / folder).symlink_to(victim, target_is_directory=True)
+    with pytest.raises(fsio.UnsafeFileError, match=f"{run_dir / folder} is a symbolic link"):
+        trainer.sample_grid()
+    assert list(victim.iterdir()) == []
+
+
 # ---- 5. one timeline ---------------------------------------------------------------------------
 def test_resuming_from_an_earlier_snapshot_sets_the_later_ones_aside(tmp_path):
     _trainer(tmp_path, "train.steps=9", "train.checkpoint_every=3").fit()
