@@ -9,6 +9,11 @@ previous one is used, and if none loads, resume stops with a message naming each
 start from scratch). Everything is written through sagan_dist.fsio (temp beside the target, fsync,
 rename) and read weights-only. ``best`` is a snapshot like the others, written when an evaluation
 finds a better FID, and never rotated away; rotation never removes the snapshot it just wrote.
+
+One timeline: a snapshot is never written from non-finite weights, and one with non-finite
+weights is skipped on resume; resuming from an earlier snapshot sets the later ones aside. Rank 0
+chooses the snapshot and every rank loads that one (`load_chosen`). A config read from a snapshot
+is data (`stored_config`): it never supplies a command or a path to write.
 """
 from __future__ import annotations
 
