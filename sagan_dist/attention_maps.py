@@ -213,6 +213,9 @@ def load_discriminator(snapshot: Path, cfg: DictConfig, device: torch.device) ->
 def run_shards(cfg: DictConfig, snapshot: Path) -> str:
     """The shard pattern a run trained on: ``data.shards``, or the digits shards in its run directory."""
     if cfg.data.source == "shards":
+        if cfg.data.shards == checkpoint.SHARDS_NOT_STORED:  # a command never comes from a file read
+            raise SystemExit(f"--data: the snapshot {snapshot} was trained on shards read through a command or "
+                             "URL, which is never taken from a stored config; name them: --data 'PATTERN'")
         return str(cfg.data.shards)
     from sagan_dist.data.sources import DIGITS_SHARDS, DIGITS_SPLIT
 

@@ -23,7 +23,7 @@ from typing import Any, Callable, Optional, Protocol, Sequence
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from sagan_dist import checkpoint, config, dist, memory
+from sagan_dist import checkpoint, config, dist, fsio, memory, run_lock
 from sagan_dist.activation_checkpointing import apply_activation_checkpointing
 from sagan_dist.data import build_loader, prepare_data
 from sagan_dist.data.position import StreamPosition, parse_saved, resume_position
@@ -299,12 +299,13 @@ class Trainer:
         self.ema.model.eval()
         with torch.no_grad():
             images = self.ema.model(self.grid_z, self.grid_y)
-        path = save_grid(images, self.run_dir / "samples" / f"step-{self.step:08d}.png",
+        path = save_grid(images, fsio.own_dir(self.run_dir / "samples") / f"step-{self.step:08d}.png",
                          nrow=self.cfg.train.samples_per_class)
         self.tracker.log_image(path, self.step)
         if self.cfg.train.attention_points and attention_layers(self.ema.model):
+            folder = fsio.own_dir(self.run_dir / "attention")  # a link planted mid-run is refused
             sheets, metrics = attention_summary(self.ema.model, self.grid_z, self.grid_y,
-                                                self.cfg.train.attention_points, self.run_dir / "attention", self.step)
+                                                self.cfg.train.attention_points, folder, self.step)
             for layer, sheet in sheets.items():
                 self.tracker.log_image(sheet, self.step, key=f"attention/{layer}")
             self.tracker.log_metrics(metrics, self.step)
@@ -364,15 +365,24 @@ class Trainer:
             dist.barrier()
             return None
         if mode == "auto":
-            found = checkpoint.load_latest(self.run_dir, self._restore)
+            found = checkpoint.load_latest(self.run_dir, self._restore_finite)
             if found is None:
                 return None
             snapshot, state = found
         else:
             snapshot = checkpoint.resolve_snapshot(mode)
-            state = self._restore(snapshot)
+            state = checkpoint.load_chosen(snapshot, self._restore_finite)  # every rank, rank 0's choice
+            if self.info.is_main:  # the later snapshots are another timeline now: never resumed by auto
+                checkpoint.set_aside_later(self.run_dir, self.step)
+            dist.barrier()
         log.info("resumed from %s at step %d", snapshot, self.step)
         return state.get("tracking_run_id")
+
+    def _restore_finite(self, snapshot: Path) -> dict[str, Any]:
+        """_restore, refusing (naming it) a snapshot with inf/nan weights, so auto takes the one before."""
+        state = self._restore(snapshot)
+        checkpoint.require_finite(snapshot, {"G": self.G.raw, "D": self.D.raw, "EMA generator": self.ema.model})
+        return state
 
     def _restore(self, snapshot: Path) -> dict[str, Any]:
         state = checkpoint.load_state(snapshot, self.info.device)
@@ -426,7 +436,7 @@ def main(items: Sequence[str]) -> int:
         setup_logging(info, Path(cfg.train.run_dir))
         if info.is_main:
             log.info("config:\n%s", OmegaConf.to_yaml(redacted_config(config.to_container(cfg))))
-        with dist.collective_failures(cfg.train.collective_timeout_s):
+        with dist.collective_failures(cfg.train.collective_timeout_s), run_lock.hold(Path(cfg.train.run_dir), info):
             trainer = Trainer(cfg, info, stop=stop)
             trainer.fit()
         stopped = trainer.stopped

@@ -178,3 +178,66 @@ def test_a_batch_that_cannot_fit_is_refused_before_any_step(tmp_path):
     assert result.returncode == 2, result.stderr[-2000:]
     assert "'train.batch_size' = 1000000000000" in result.stderr and "GiB available" in result.stderr
     assert not checkpoint.list_checkpoints(tmp_path)
+
+
+def test_torch_save_on_a_full_disk_is_reported_as_such_not_as_unexpected_pos(tiny_disk):
+    """torch.save turns the write's ENOSPC into `inline_container.cc: unexpected pos`."""
+    with pytest.raises(fsio.DiskFullError) as raised:
+        fsio.save_torch({"x": torch.zeros(600_000)}, tiny_disk / "state.pt")
+    assert raised.value.errno == errno.ENOSPC and str(tiny_disk / "state.pt") in str(raised.value)
+    assert list(tiny_disk.iterdir()) == []
+
+
+def test_the_digits_writer_on_a_full_disk_names_the_shard_and_leaves_no_partial(tiny_disk):
+    from sagan_dist.data.sources import write_digits
+
+    with pytest.raises(fsio.DiskFullError, match=f"disk full .* while writing {tiny_disk}/data/digits-0000"):
+        write_digits(tiny_disk / "data", 32)
+    assert not [p for p in (tiny_disk / "data").iterdir() if p.name.startswith(".")]
+
+
+def test_training_on_a_full_disk_prints_the_disk_full_line_only(tiny_disk):
+    result = _cli("train", "demo", *TINY, f"train.run_dir={tiny_disk / 'run'}", "train.steps=1")
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "error: [Errno 28] disk full (or quota exceeded) while writing" in result.stderr
+    assert "Traceback" not in result.stdout + result.stderr
+
+
+@pytest.fixture(scope="module")
+def deepspeed_trainer(tmp_path_factory) -> Trainer:
+    """The demo's nets under DeepSpeed ZeRO 1: its snapshot (about 4 MiB) is written by DeepSpeed."""
+    run_dir = tmp_path_factory.mktemp("ds")
+    return Trainer(load(["demo"], ["engine=deepspeed", "deepspeed.zero_stage=1", "train.batch_size=8",
+                                   "tracking.enabled=false", f"train.run_dir={run_dir}"]), INFO)
+
+
+def _snapshot_state(tr: Trainer) -> dict:
+    return {"step": 1, "G_ema": tr.ema.state_dict()}
+
+
+def test_a_deepspeed_save_on_a_full_disk_is_reported_as_such_and_leaves_nothing(deepspeed_trainer, tiny_disk):
+    tr = deepspeed_trainer
+    with pytest.raises(fsio.DiskFullError, match=f"disk full .* while writing {tiny_disk}/checkpoints/step-00000001"):
+        checkpoint.save(tiny_disk, 1, _snapshot_state(tr), {"G": tr.G, "D": tr.D}, keep=2, is_main=True)
+    assert list(checkpoint.checkpoints_dir(tiny_disk).iterdir()) == []
+
+
+def test_every_file_and_folder_of_a_deepspeed_snapshot_is_fsynced_before_it_is_final(deepspeed_trainer, tmp_path,
+                                                                                    monkeypatch):
+    tr, synced = deepspeed_trainer, set()
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        synced.add(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    final = checkpoint.save(tmp_path, 1, _snapshot_state(tr), {"G": tr.G, "D": tr.D}, keep=2, is_main=True)
+    tmp = f"{final}.tmp"
+    written = {os.path.join(tmp, os.path.relpath(os.path.join(d, n), final))
+               for d, dirs, files in os.walk(final) for n in [*dirs, *files]}
+    assert any("zero_pp_rank_0" in p for p in written)
+    # state.pt is fsynced under its atomic_write temporary name, then renamed.
+    assert any(p.startswith(f"{tmp}/.state.pt.") for p in synced)
+    written.discard(f"{tmp}/state.pt")
+    assert written | {tmp} <= synced, sorted(written - synced)

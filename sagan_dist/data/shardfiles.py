@@ -57,8 +57,11 @@ def _atomic_file(path: Path) -> Iterator[io.BufferedWriter]:
         os.fsync(f.fileno())
         os.replace(tmp, path)  # under the lock: a sweeper never removes a complete temporary
         fsio.fsync_dir(path.parent)
+    except OSError as e:
+        raise fsio.disk_full(e, path) from e  # ENOSPC -> "disk full ... <shard>", others unchanged
     finally:
-        f.close()
+        with contextlib.suppress(OSError):  # flushed above; after a failed write, the first error counts
+            f.close()
         tmp.unlink(missing_ok=True)
 
 
@@ -84,9 +87,16 @@ def write_shard(path: Path, samples: Iterable[dict[str, Any]]) -> tuple[int, int
     with _atomic_file(path) as f:
         # A fixed mtime makes a rewritten shard byte-identical to the first one.
         writer = wds.TarWriter(f, mtime=0)
-        for sample in samples:
-            writer.write(sample)
-            count += 1
+        try:
+            for sample in samples:
+                writer.write(sample)
+                count += 1
+        except BaseException:
+            # Close the tar stream now (its own write fails again on a full disk): left to the
+            # garbage collector, it prints an "Exception ignored" traceback after the error message.
+            with contextlib.suppress(Exception):
+                writer.close()
+            raise
         writer.close()
     return count, path.stat().st_size
 

@@ -2,7 +2,9 @@
 
 Scores a snapshot's EMA generator on any number of processes, reports the training cost that
 produced it (``gpu_hours``: processes x wall-clock hours, from the snapshot's ``process_seconds``)
-and optionally logs both to the snapshot's MLflow run.
+and optionally logs both to the snapshot's MLflow run. The snapshot's stored config is data:
+shards read through a command, the FID cache folder and the tracking URI come from the command
+line only (checkpoint.stored_config).
 """
 from __future__ import annotations
 
@@ -71,8 +73,12 @@ def gpu_hours(state: dict[str, Any]) -> float | None:
 def load_snapshot(path: str | Path, overrides: Sequence[str],
                   device: torch.device) -> tuple[Generator, DictConfig, dict[str, Any], Path]:
     """The EMA generator (as trained), the overridden config, the state and the snapshot path."""
-    g, _, state, snapshot = checkpoint.load_generator(path, device)
-    return g, config_with_overrides(state["config"], overrides), state, snapshot
+    g, _, state, snapshot = checkpoint.load_generator(path, device)  # its config holds no command or write path
+    cfg = config_with_overrides(state["config"], overrides)
+    if cfg.data.source == "shards" and cfg.data.shards == checkpoint.SHARDS_NOT_STORED:
+        raise config.ConfigError(f"the snapshot {snapshot} was trained on shards read through a command or URL, "
+                                 "which is never taken from a stored config: pass data.shards=PATTERN")
+    return g, cfg, state, snapshot
 
 
 def snapshot_run_dir(snapshot: Path) -> Path:
