@@ -69,9 +69,10 @@ stage() {
   return $rc
 }
 
+ROW_S=120; COMPILE_ROW_S=140        # per child: a hung row is that row's error
+[[ "$DEVICE" == cpu ]] && ROW_S=900 && COMPILE_ROW_S=900
 STEP=(-m benchmarks.train_step --device "$DEVICE" --isolate --precisions bf16 --channels 64 --batch 32
-      --repeats 5 --row-timeout 120)
-[[ "$DEVICE" == cpu ]] && STEP+=(--row-timeout 900)
+      --repeats 5 --row-timeout "$ROW_S")
 COMPILE_OK=1
 stage smoke 90 "compile smoke test (a conv net, forward and backward, bf16 autocast)" \
   -m benchmarks.compile_smoke --device "$DEVICE" || COMPILE_OK=0
@@ -87,7 +88,7 @@ fi
 if (( COMPILE_OK )); then
   stage compile 150 "bf16 steps, torch.compile + channels_last: 128 px, 256 px" \
     "${STEP[@]}" --resolutions 128 256 --checkpointing off --compute compile+channels_last --repeats 3 \
-    --row-timeout 140 "${EXTRA[@]}"
+    --row-timeout "$COMPILE_ROW_S" "${EXTRA[@]}"
 elif [[ "$STAGES" == *" compile "* ]]; then
   { echo "## torch.compile rows"; echo; echo "**skipped**: the compile smoke test failed (above)"; echo; } >> "$REPORT"
 fi

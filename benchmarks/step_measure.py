@@ -32,6 +32,7 @@ from benchmarks.counters import count_collectives, count_host_reads
 from benchmarks.step_variants import (Setup, Variant, build_trainer, free_memory, set_threads, step_fn,
                                       synchronize, wrapped_blocks)
 from sagan_dist.dist import DistInfo
+from sagan_dist.memory import BatchTooLargeError
 
 MAX_BATCH_CAP = 2048  # --max-batch doubles up to here at most
 MAX_BATCH_PROBES = 6  # ... and builds at most this many trainers (one child per variant)
@@ -108,7 +109,8 @@ def measure_row(v: Variant, s: Setup, repeats: int) -> dict[str, Any]:
 def search_batch(v: Variant, s: Setup, cap: int, probes: int) -> dict[str, Any]:
     """Child: the largest per-GPU batch whose step fits, doubling from ``v.batch`` in this process.
 
-    An out-of-memory error is recoverable (the allocator frees what the failed step held); any
+    An out-of-memory error (or the trainer's refusal of a batch whose largest activation cannot fit)
+    is recoverable (the allocator frees what the failed step held); any
     other error ends the child and becomes the row's error. At most ``probes`` trainers, none
     over ``cap``: the answer is a lower bound when the search stops there (``limited``).
     """
@@ -124,7 +126,7 @@ def search_batch(v: Variant, s: Setup, cap: int, probes: int) -> dict[str, Any]:
                 step(), step()  # the second step holds Adam's moments too
                 del step
             fits = batch
-        except torch.cuda.OutOfMemoryError:
+        except (torch.cuda.OutOfMemoryError, BatchTooLargeError):  # the trainer's own check refuses it too
             failed = batch
         free_memory(device)
         if failed:
