@@ -76,7 +76,7 @@ STEP=(-m benchmarks.train_step --device "$DEVICE" --isolate --precisions bf16 --
 COMPILE_OK=1
 stage smoke 90 "compile smoke test (a conv net, forward and backward, bf16 autocast)" \
   -m benchmarks.compile_smoke --device "$DEVICE" || COMPILE_OK=0
-stage eager 150 "bf16 steps, eager: 128 px (and channels_last), 256 px checkpointing off / attention+blocks" \
+stage eager 150 "bf16 steps, 128 px: eager / channels_last" \
   "${STEP[@]}" --resolutions 128 --checkpointing off --compute eager channels_last "${EXTRA[@]}"
 stage eager 120 "bf16 steps, eager, 256 px: checkpointing off / attention+blocks" \
   "${STEP[@]}" --resolutions 256 --checkpointing off attention+blocks --compute eager "${EXTRA[@]}"

@@ -112,7 +112,7 @@ def run(args: argparse.Namespace, info: DistInfo) -> None:
     clock = time.process_time if cpu else time.perf_counter
     # 8192^3 on a GPU: a 2048^3 product takes ~20 us on an H200, where launch overhead would
     # lower the ceiling and inflate "of GEMM peak"; on a CPU 2048^3 already takes long enough.
-    n = 2048 if cpu else 8192
+    n = args.gemm_n or (2048 if cpu else 8192)
     peaks = {p: gemm_peak_flops(n, dtype=GEMM_DTYPES[p], device=info.device, clock=clock)
              for p in args.precisions}
     free_memory(info.device)
@@ -177,11 +177,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-batch-cap", type=int, default=MAX_BATCH_CAP, help="--max-batch tries no batch above this")
     p.add_argument("--max-batch-probes", type=int, default=MAX_BATCH_PROBES,
                    help="--max-batch builds at most this many trainers per variant")
+    p.add_argument("--gemm-n", type=int, default=None,
+                   help="size of the GEMM peak's square matmul (default 8192 on CUDA, 2048 on CPU; --quick: 512)")
     p.add_argument("--child", help=argparse.SUPPRESS)  # JSON spec: step_measure.child_main
     args = p.parse_args(argv)
     if args.quick:
         args.resolutions, args.channels, args.batch, args.classes = [64], 8, 2, 10
-        args.repeats, args.checkpoint_from = 1, 32
+        args.repeats, args.checkpoint_from, args.gemm_n = 1, 32, args.gemm_n or 512
     if args.max_batch and args.device != "cuda":
         p.error("--max-batch needs --device cuda (a CPU does not run out of memory cleanly)")
     if args.isolate is None:

@@ -41,3 +41,12 @@ def test_a_child_that_fails_is_its_rows_error_and_the_rows_come_one_by_one():
     assert lines[0].startswith("| res |") and len(lines) == 4
     assert f"error: {result['error']}" in lines[2]
     assert lines[3].count("|") == len(HEADERS) + 1 and "| 4.00 |" in lines[3]  # 2 images in 0.5 s
+
+
+def test_the_batch_search_doubles_in_one_child_and_stops_at_its_cap():
+    """The --max-batch search (run on CPU here, where nothing runs out of memory): batches 2 and 4
+    fit, 8 is over the cap, so the answer is 4 as a lower bound."""
+    s = Setup(channels=8, batch=2, checkpoint_from=32, classes=10, init="normal", device="cpu", threads=1)
+    v = Variant(resolution=64, precision="bf16", checkpointing="off", batch=2)
+    assert in_child("search", v, s, timeout=600, cap=4, probes=5) == {"largest": 4, "failed_at": None,
+                                                                         "limited": True}
