@@ -34,11 +34,13 @@ def truncated_normal(shape: tuple[int, ...], truncation: float, generator: torch
     values beyond T never ends for T = 1e-6).
     """
     if truncation <= 0:
-        return torch.randn(shape, generator=generator, device=generator.device).to(device)
-    lo = torch.special.ndtr(torch.tensor(-float(truncation), dtype=torch.float64))
-    u = torch.rand(shape, generator=generator, device=generator.device, dtype=torch.float64)
-    z = torch.special.ndtri(lo + u * (1 - 2 * lo)).clamp_(-truncation, truncation)
-    return z.to(device, torch.float32)
+        z = torch.randn(shape, generator=generator, device=generator.device)
+    else:
+        lo = torch.special.ndtr(torch.tensor(-float(truncation), dtype=torch.float64))
+        u = torch.rand(shape, generator=generator, device=generator.device, dtype=torch.float64)
+        z = torch.special.ndtri(lo + u * (1 - 2 * lo)).clamp_(-truncation, truncation).float()
+    # No call at all when already there: training draws on its device's generator every step.
+    return z if z.device == torch.device(device) else z.to(device)
 
 
 def latents(n: int, z_dim: int, num_classes: int, generator: torch.Generator, device: torch.device,
