@@ -29,7 +29,7 @@ PY="${PYTHON:-python3}"
 STAGES=" ${GPU_CHECK_STAGES:-smoke eager maxbatch compile} "
 BUDGET_S="${GPU_CHECK_BUDGET_S:-300}"
 [[ "$DEVICE" == cpu && -z "${GPU_CHECK_BUDGET_S:-}" ]] && BUDGET_S=1500  # CPU: inductor's C++ builds
-START=$SECONDS
+START=$SECONDS RUNS=0
 mkdir -p "$OUT_DIR"
 REPORT="$OUT_DIR/gpu_check.md"
 export PYTHONUNBUFFERED=1 TORCHINDUCTOR_CACHE_DIR="${TORCHINDUCTOR_CACHE_DIR:-/tmp/sagan-inductor}"
@@ -58,12 +58,12 @@ stage() {
     echo "**skipped**: ${left}s of the ${BUDGET_S}s budget left" >> "$REPORT"; echo >> "$REPORT"; return 1
   fi
   echo "\`$PY $*\` (limit ${limit}s)" >> "$REPORT"; echo >> "$REPORT"
-  local began=$SECONDS
-  timeout -k 10 "$limit" "$PY" "$@" >> "$REPORT" 2> "$OUT_DIR/$name.stderr"
+  local began=$SECONDS log="$OUT_DIR/$(( ++RUNS ))-$name.stderr"
+  timeout -k 10 "$limit" "$PY" "$@" >> "$REPORT" 2> "$log"
   local rc=$?
   if (( rc != 0 )); then
     echo; echo "**exit $rc$( (( rc == 124 )) && echo ": timed out after ${limit}s")**; last stderr lines:" >> "$REPORT"
-    { echo '```'; grep -v '^USDT' "$OUT_DIR/$name.stderr" | tail -15; echo '```'; } >> "$REPORT"
+    { echo '```'; grep -v '^USDT' "$log" | tail -15; echo '```'; } >> "$REPORT"
   fi
   echo "($(( SECONDS - began ))s)" >> "$REPORT"; echo >> "$REPORT"
   return $rc
@@ -90,7 +90,7 @@ if (( COMPILE_OK )); then
     "${STEP[@]}" --resolutions 128 256 --checkpointing off --compute compile+channels_last --repeats 3 \
     --row-timeout "$COMPILE_ROW_S" "${EXTRA[@]}"
 elif [[ "$STAGES" == *" compile "* ]]; then
-  { echo "## torch.compile rows"; echo; echo "**skipped**: the compile smoke test failed (above)"; echo; } >> "$REPORT"
+  { echo "## torch.compile rows"; echo; echo "**skipped**: the compile smoke test did not pass (failed or skipped, above)"; echo; } >> "$REPORT"
 fi
 echo "total $(( SECONDS - START ))s of a ${BUDGET_S}s budget" >> "$REPORT"
 echo "report: $REPORT"
