@@ -41,9 +41,18 @@ def configure_backends(device: torch.device) -> None:
     if device.type != "cuda":
         return
     torch.backends.cudnn.benchmark = True
-    # The fp32_precision settings replace allow_tf32, which torch >= 2.9 warns about.
-    torch.backends.cuda.matmul.fp32_precision = "tf32"
-    torch.backends.cudnn.conv.fp32_precision = "tf32"
+    enable_tf32()
+
+
+def enable_tf32() -> None:
+    """TF32 for fp32 matmuls and convolutions, through the legacy API only (the global switches).
+
+    Setting torch >= 2.9's per-backend ``fp32_precision`` instead leaves a mix of the two APIs, after
+    which ``torch.get_float32_matmul_precision()`` and ``torch.backends.cuda.matmul.allow_tf32``
+    raise: any library that reads them (torch-fidelity, DeepSpeed, Lightning) would crash.
+    """
+    torch.set_float32_matmul_precision("high")
+    torch.backends.cudnn.allow_tf32 = True
 
 
 def to_channels_last(model: nn.Module) -> nn.Module:

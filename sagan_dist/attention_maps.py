@@ -295,7 +295,7 @@ Shown = tuple[torch.Tensor, torch.Tensor, dict[str, LayerMaps]]  # images, label
 def _generated(g: Generator, args: argparse.Namespace) -> Shown:
     device = next(g.parameters()).device
     labels = spread_labels(args.n, parse_classes(args.classes, g.num_classes)).to(device)
-    gen = torch.Generator(device).manual_seed(args.seed)
+    gen = torch.Generator().manual_seed(args.seed)  # CPU: one --seed, the same z on every device
     z = truncated_normal((args.n, g.z_dim), args.truncation, gen, device)
     maps, images = layer_maps(g, lambda: g(z, labels), args.points, parse_at(args.at))
     return images, labels, maps

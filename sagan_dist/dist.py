@@ -67,6 +67,8 @@ def process_group(backend: str | None = None, timeout_s: float = 600.0) -> Itera
     if world > 1 and not dist.is_initialized():
         backend = backend or ("nccl" if device.type == "cuda" else "gloo")
         check_advertised_address(backend)
+        if backend == "nccl":
+            nccl_errors_raise()
         timeout = datetime.timedelta(seconds=timeout_s)
         dist.init_process_group(backend, timeout=timeout, device_id=device if device.type == "cuda" else None)
         _control_group = dist.new_group(backend="gloo", timeout=timeout)
@@ -77,6 +79,19 @@ def process_group(backend: str | None = None, timeout_s: float = 600.0) -> Itera
         if started and dist.is_initialized():
             _control_group = None
             dist.destroy_process_group()
+
+
+def nccl_errors_raise() -> None:
+    """Have NCCL's watchdog abort the communicator on a timeout or error, not the process.
+
+    torch's default (TORCH_NCCL_ASYNC_ERROR_HANDLING=3) SIGABRTs every rank once a collective
+    outlives ``train.collective_timeout_s``, so `CollectiveTimeout` and its message never came on
+    GPUs. With 2 ("abort the communicator only") the main thread's next collective or wait raises
+    a DistBackendError, which `collective_failures` turns into the same one-line message as on
+    gloo. A value the user exported is kept; a rank that still dies by SIGABRT (exit 134: the
+    watchdog's own heartbeat monitor) is a failed worker to torchrun, restarted like a lost peer.
+    """
+    os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "2")
 
 
 # What gloo and NCCL say when a peer is gone or a collective ran out of time.

@@ -25,6 +25,19 @@ class EMA:
         self.model.float()
 
     @torch.no_grad()
+    def follow(self, model: nn.Module, device: torch.device) -> None:
+        """Move the copy to ``device`` with each tensor in the strides of ``model``'s (channels_last).
+
+        The copy is taken before ``model.channels_last`` changes G's layout; with NCHW copies of NHWC
+        parameters ``_foreach_lerp_`` falls back to a slow per-tensor path every step.
+        """
+        self.model.to(device)
+        for mine, theirs in zip([*self.model.parameters(), *self.model.buffers()],
+                                [*model.parameters(), *model.buffers()]):
+            if mine.shape == theirs.shape and mine.stride() != theirs.stride():
+                mine.data = torch.empty_like(theirs, dtype=mine.dtype, device=device).copy_(mine)
+
+    @torch.no_grad()
     def update(self, model: nn.Module, beta: float) -> None:
         """``ema = beta * ema + (1 - beta) * model`` for parameters; buffers are copied."""
         # foreach: a handful of kernels for all tensors instead of two per tensor (GPU launch cost).

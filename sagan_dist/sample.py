@@ -28,15 +28,19 @@ def truncated_normal(shape: tuple[int, ...], truncation: float, generator: torch
                      device: torch.device) -> torch.Tensor:
     """Standard normal samples; with ``truncation > 0``, normal samples restricted to [-T, T] (BigGAN).
 
-    Drawn by inverting the normal CDF on [Phi(-T), Phi(T)] in float64: one draw per value, however
-    small T is (redrawing values beyond T never ends for T = 1e-6).
+    Drawn on the generator's device and returned on ``device``: with a CPU generator one seed gives
+    the same z on every device (CUDA's generator draws other numbers). Drawn by inverting the
+    normal CDF on [Phi(-T), Phi(T)] in float64: one draw per value, however small T is (redrawing
+    values beyond T never ends for T = 1e-6).
     """
     if truncation <= 0:
-        return torch.randn(shape, generator=generator, device=device)
-    lo = torch.special.ndtr(torch.tensor(-float(truncation), dtype=torch.float64))
-    u = torch.rand(shape, generator=generator, device=device, dtype=torch.float64)
-    z = torch.special.ndtri(lo + u * (1 - 2 * lo)).clamp_(-truncation, truncation)
-    return z.to(torch.float32)
+        z = torch.randn(shape, generator=generator, device=generator.device)
+    else:
+        lo = torch.special.ndtr(torch.tensor(-float(truncation), dtype=torch.float64))
+        u = torch.rand(shape, generator=generator, device=generator.device, dtype=torch.float64)
+        z = torch.special.ndtri(lo + u * (1 - 2 * lo)).clamp_(-truncation, truncation).float()
+    # No call at all when already there: training draws on its device's generator every step.
+    return z if z.device == torch.device(device) else z.to(device)
 
 
 def latents(n: int, z_dim: int, num_classes: int, generator: torch.Generator, device: torch.device,
@@ -101,7 +105,7 @@ def write_samples(g: Generator, out: Path, n: int, classes: list[int], truncatio
     """N images spread evenly over ``classes`` as ``{class}_{index}.png``, plus ``grid.png``."""
     device = next(g.parameters()).device
     labels = spread_labels(n, classes)
-    gen = torch.Generator(device).manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
     images = []
     for chunk in labels.split(batch_size):
         z = truncated_normal((len(chunk), g.z_dim), truncation, gen, device)
@@ -162,7 +166,7 @@ def z_interpolation(g: Generator, rows: int, steps: int, classes: list[int], tru
     """(z, y) of ``rows`` x ``steps`` images, row-major: row i in class ``classes[i % len]``, z
     linearly from z_a[i] to z_b[i]. z_a then z_b are the first draws of ``seed``'s generator."""
     device = next(g.parameters()).device
-    gen = torch.Generator(device).manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
     za = truncated_normal((rows, g.z_dim), truncation, gen, device)
     zb = truncated_normal((rows, g.z_dim), truncation, gen, device)
     t = _fractions(steps, device)
@@ -176,7 +180,7 @@ def class_interpolation(g: Generator, rows: int, steps: int, a: int, b: int, tru
     """(z, class weights) of ``rows`` x ``steps`` images: row i one z (the i-th draw of ``seed``),
     the class conditioning linearly from class ``a`` (first column) to ``b`` (last)."""
     device = next(g.parameters()).device
-    z = truncated_normal((rows, g.z_dim), truncation, torch.Generator(device).manual_seed(seed), device)
+    z = truncated_normal((rows, g.z_dim), truncation, torch.Generator().manual_seed(seed), device)
     t = _fractions(steps, device)
     onehot = torch.eye(g.num_classes, device=device)
     weights = (1 - t) * onehot[a] + t * onehot[b]  # (steps, num_classes)
@@ -187,7 +191,7 @@ def class_sheet(g: Generator, classes: list[int], columns: int, truncation: floa
                 seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(z, y) of a sheet: one row per class, ``columns`` z (draws of ``seed``), the same in every row."""
     device = next(g.parameters()).device
-    z = truncated_normal((columns, g.z_dim), truncation, torch.Generator(device).manual_seed(seed), device)
+    z = truncated_normal((columns, g.z_dim), truncation, torch.Generator().manual_seed(seed), device)
     y = torch.tensor(classes, device=device).repeat_interleave(columns)
     return z.repeat(len(classes), 1), y
 

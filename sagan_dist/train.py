@@ -85,7 +85,7 @@ class Trainer:
         self.micro_batch_fits(g, d)  # before compile: the probe forward must not add a graph
         prepare_models(g, d, cfg, info.device)  # channels_last, torch.compile (auto: on for CUDA)
         self.G, self.D = build_engines(cfg, g, d, info)
-        self.ema.model.to(info.device)
+        self.ema.follow(self.G.raw, info.device)  # on the device, in G's memory format
         self.d_loss, self.g_loss = get_losses(t.loss)
         self.step, self.images_seen, self.skipped_steps, self.process_seconds = 0, 0, 0, 0.0
         self.stopped, self._clock = False, time.monotonic()

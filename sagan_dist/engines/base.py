@@ -17,6 +17,23 @@ from torch import nn
 PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def match_parameter_layout(optimizer: torch.optim.Optimizer) -> int:
+    """Give every per-parameter optimizer tensor (Adam's moments) its parameter's strides; returns how many moved.
+
+    ``Optimizer.load_state_dict`` keeps the strides a moment was saved with, and ``model.channels_last``
+    (auto: on for CUDA, off on CPU) may differ between the run that saved and the one that resumes.
+    Fused Adam walks moments and parameter in storage order, so NHWC moments of an NCHW parameter
+    update the wrong elements silently on CPU, and CUDA's fused kernel refuses them.
+    """
+    moved = 0
+    for param, state in optimizer.state.items():
+        for key, value in state.items():
+            if torch.is_tensor(value) and value.shape == param.shape and value.stride() != param.stride():
+                state[key] = torch.empty_like(param, dtype=value.dtype).copy_(value)
+                moved += 1
+    return moved
+
+
 @dataclass(frozen=True)
 class StepResult:
     """What one update did, kept on the device: reading it on the host would stall a GPU's queue,

@@ -23,7 +23,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from sagan_dist import fsio
 from sagan_dist.dist import broadcast_coalesced, is_distributed, replica_buffers
-from sagan_dist.engines.base import Engine, StepResult
+from sagan_dist.engines.base import Engine, StepResult, match_parameter_layout
 
 
 def adam(params: list[nn.Parameter], lr: float, betas: tuple[float, float], device: torch.device) -> torch.optim.Adam:
@@ -105,6 +105,7 @@ class DDPEngine(Engine):
         state = fsio.load_torch(path.with_suffix(".pt"), map_location=self.device)
         self.raw.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
+        match_parameter_layout(self.optimizer)  # the saving run may have had another memory format
         self.scaler.load_state_dict(state["scaler"])
         return self.apply_configured(self.optimizer.param_groups)
 

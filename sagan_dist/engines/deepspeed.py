@@ -61,7 +61,7 @@ from torch import nn
 
 from sagan_dist.config import ConfigError
 from sagan_dist.dist import DistInfo, broadcast_coalesced, replica_buffers
-from sagan_dist.engines.base import Engine, StepResult
+from sagan_dist.engines.base import Engine, StepResult, match_parameter_layout
 from sagan_dist.fsio import UnsafeFileError, load_torch
 
 if not torch.cuda.is_available():
@@ -160,19 +160,20 @@ def _destroy_process_group() -> None:
         tdist.destroy_process_group()
 
 
-def _broadcast_scalars(model: nn.Module) -> None:
-    """Broadcast rank 0's 0-dim parameters ourselves and have DeepSpeed skip them.
+def _broadcast_unviewable(model: nn.Module) -> None:
+    """Broadcast rank 0's parameters that DeepSpeed cannot send, and have DeepSpeed skip them.
 
     DeepSpeed 0.19.8 makes the replicas identical by broadcasting every parameter as bytes
-    (``p.data.view(torch.uint8)``), which raises for a 0-dim parameter such as SelfAttention's
-    gamma. It skips parameters flagged ``ds_optim_param`` (its mark for per-rank weight shards,
-    with no other effect outside OptimizedLinear), so we flag those and broadcast them here.
+    (``p.data.view(torch.uint8)``), even on one rank. That raises for a 0-dim parameter such as
+    SelfAttention's gamma, and for a channels_last conv weight (its last stride is not 1; channels_last
+    is on by default on CUDA). It skips parameters flagged ``ds_optim_param`` (its mark for per-rank
+    weight shards, with no other effect outside OptimizedLinear), so we flag those and broadcast
+    them here, in one coalesced collective.
     """
-    for p in model.parameters():
-        if p.dim() == 0:
-            if tdist.get_world_size() > 1:
-                tdist.broadcast(p.data, src=0)
-            p.ds_optim_param = True
+    own = [p for p in model.parameters() if p.dim() == 0 or p.stride(-1) != 1]
+    broadcast_coalesced([p.data for p in own])
+    for p in own:
+        p.ds_optim_param = True
 
 
 def _agree(ok: bool, device: torch.device) -> bool:
@@ -218,7 +219,10 @@ class DeepSpeedEngine(Engine):
                  info: DistInfo, name: str) -> None:
         self.name, self.info, self.device, self.precision = name, info, info.device, cfg.train.precision
         ensure_process_group(info)
-        _broadcast_scalars(model)
+        # On the device before any collective: on GPUs the default group is NCCL, which has no CPU
+        # tensors ("No backend type associated with device type cpu"). initialize() would move it anyway.
+        model.to(info.device)
+        _broadcast_unviewable(model)
         ds = deepspeed_config(cfg, info.world_size, info.device)
         # ZeRO 1/2 and DeepSpeed's fp16/bf16 optimizers skip non-finite steps themselves; ZeRO 0
         # with fp32 parameters hands the gradients straight to Adam, so we check them first and
@@ -317,6 +321,8 @@ class DeepSpeedEngine(Engine):
         # DeepSpeed reports a checkpoint it cannot find with a warning and (None, None).
         if not _agree(load_path is not None, self.device):
             raise FileNotFoundError(f"DeepSpeed could not load the checkpoint of {self.name} at {path / TAG}")
+        if isinstance(self.engine.optimizer, torch.optim.Optimizer):  # ZeRO 0, fp32: torch's Adam itself
+            match_parameter_layout(self.engine.optimizer)  # the saving run may have had another memory format
         # The groups get_lr() reads and Adam steps with (ZeRO's wrapper hands out its inner Adam's).
         return self.apply_configured(self.engine.optimizer.param_groups)
 

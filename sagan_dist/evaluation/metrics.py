@@ -15,7 +15,7 @@ import torch
 from torch_fidelity import metric_isc, metric_kid, metric_prc
 
 from sagan_dist.evaluation.reference import Reference, fid_statistics
-from sagan_dist.evaluation.weights import LOGITS, POOL
+from sagan_dist.evaluation.weights import LOGITS, POOL, full_fp32
 
 # torch-fidelity's result keys -> ours (the names the Trainer logs).
 RESULT_KEYS = {"inception_score_mean": "isc", "inception_score_std": "isc_std",
@@ -30,10 +30,11 @@ PRC_BLOCK = 1000
 @torch.no_grad()
 def extract(extractor: torch.nn.Module, images: torch.Tensor, batch_size: int,
             device: torch.device) -> dict[str, torch.Tensor]:
-    """Features of uint8 images (N, 3, H, W) by layer name, float32 on the CPU."""
+    """Features of uint8 images (N, 3, H, W) by layer name, float32 on the CPU, in full fp32."""
     out: dict[str, list[torch.Tensor]] = defaultdict(list)
     for chunk in images.split(batch_size):
-        features = extractor.convert_features_tuple_to_dict(extractor(chunk.to(device)))
+        with full_fp32(torch.device(device)):
+            features = extractor.convert_features_tuple_to_dict(extractor(chunk.to(device)))
         for name, value in features.items():
             out[name].append(value.float().cpu())
     return {name: torch.cat(parts) for name, parts in out.items()}
@@ -81,8 +82,9 @@ def compute_metrics(names: list[str], generated: dict[str, torch.Tensor], refere
         if "kid" in names:
             out.update(metric_kid.kid_features_to_metric(pool, real, **kw))
         if "prc" in names:  # distances on the device: n x n products are what precision/recall cost
-            out.update(metric_prc.prc_features_to_metric(pool.to(device), real.to(device), save_cpu_ram=True,
-                                                         prc_batch_size=PRC_BLOCK, **kw))
+            with full_fp32(torch.device(device)):  # distances of nearest neighbours: TF32 would move them
+                out.update(metric_prc.prc_features_to_metric(pool.to(device), real.to(device), save_cpu_ram=True,
+                                                             prc_batch_size=PRC_BLOCK, **kw))
     return {RESULT_KEYS[k]: float(v) for k, v in out.items()}
 
 

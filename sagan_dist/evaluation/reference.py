@@ -26,7 +26,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from sagan_dist import fsio
-from sagan_dist.evaluation.weights import FEATURE_EXTRACTOR, POOL
+from sagan_dist.evaluation.weights import FEATURE_EXTRACTOR, FEATURE_PRECISION, POOL
 from sagan_dist.sample import to_uint8
 
 log = logging.getLogger(__name__)
@@ -122,7 +122,7 @@ def reference_key(cfg: DictConfig, shards: str, count: int, weights_digest: str)
     return {"shards": shards, "resolution": cfg.model.resolution, "decode": cfg.data.decode,
             "crop": "center", "flip": False, "count": count, "seed": cfg.eval.seed,
             "feature_extractor": FEATURE_EXTRACTOR, "layer": POOL, "weights_sha256": weights_digest,
-            "format": FORMAT}
+            "precision": FEATURE_PRECISION, "format": FORMAT}
 
 
 def reference_cache_name(key: dict[str, Any]) -> str:

@@ -9,12 +9,14 @@ its use.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import logging
 import shutil
 import urllib.request
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3, FeatureExtractorInceptionV3
@@ -30,6 +32,27 @@ FEATURE_EXTRACTOR = "inception-v3-compat"  # torch-fidelity's default for IS, FI
 # than the pool features, so one extractor with both serves all metrics and the reference.
 POOL, LOGITS = "2048", "logits_unbiased"
 DOWNLOAD_TIMEOUT_S = 60
+# How features are computed, in the reference cache's key: FIDs are comparable only between
+# features of one precision, whichever path (training's evaluation, `sagan-dist evaluate`) runs.
+FEATURE_PRECISION = "fp32, no TF32, no autocast"
+
+
+@contextlib.contextmanager
+def full_fp32(device: torch.device) -> Iterator[None]:
+    """Exact fp32 matmuls and convolutions while active, whatever training set (TF32 on CUDA).
+
+    The legacy switches only, as `sagan_dist.acceleration.enable_tf32` sets them (a mix with
+    torch's per-backend ``fp32_precision`` would make reading them raise); restored on exit.
+    """
+    matmul, cudnn = torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
+    torch.set_float32_matmul_precision("highest")
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        with torch.autocast(device.type, enabled=False):
+            yield
+    finally:
+        torch.set_float32_matmul_precision(matmul)
+        torch.backends.cudnn.allow_tf32 = cudnn
 
 
 class InceptionWeightsError(config.ConfigError):
