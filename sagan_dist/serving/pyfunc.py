@@ -68,10 +68,10 @@ def parse_rows(frame: pd.DataFrame, num_classes: int) -> tuple[list[int], list[i
     for name, values, low, high in (("class", classes, 0, num_classes - 1), ("seed", seeds, 0, MAX_SEED)):
         bad = [v for v in values if not (np.isfinite(v) and v == math.floor(v) and low <= v <= high)]
         if bad:
-            raise _bad(f"column {name!r}: {bad[0]!r} is not an integer in {low}..{high}")
+            raise _bad(f"column {name!r}: {float(bad[0]):g} is not an integer in {low}..{high}")
     bad_t = [t for t in truncs if not (np.isfinite(t) and t >= 0)]
     if bad_t:
-        raise _bad(f"column 'truncation': {bad_t[0]!r} is not a finite number >= 0 (0 = off)")
+        raise _bad(f"column 'truncation': {float(bad_t[0]):g} is not a finite number >= 0 (0 = off)")
     return [int(c) for c in classes], [int(s) for s in seeds], [float(t) for t in truncs]
 
 
