@@ -199,8 +199,10 @@ class _Payload:
 def test_a_planted_pickle_in_the_registered_model_folder_never_runs(server, tmp_path, monkeypatch, capsys):
     client = MlflowClient(server.uri)
     run_id, _ = log_two_evaluations(server.uri, tmp_path / "run", "models-planted", "gen-planted")
-    model_id = client.get_model_version_by_alias("gen-planted", "best").model_id
-    folder = next(p for p in (server.root / "artifacts").rglob(model_id) if p.is_dir()) / "artifacts"
+    model_id = client.get_model_version_by_alias("gen-planted", "best").source.removeprefix("models:/")
+    location = client.get_logged_model(model_id).artifact_location  # mlflow-artifacts:/<exp>/models/<id>/artifacts
+    folder = server.root / "artifacts" / location.removeprefix("mlflow-artifacts:/")
+    assert (folder / "MLmodel").is_file()
     marker = tmp_path / "pwned"
     (folder / "python_model.pkl").write_bytes(pickle.dumps(_Payload(marker)))
     (folder / "artifacts" / "extra.pkl").write_bytes(pickle.dumps(_Payload(marker)))
