@@ -243,3 +243,37 @@ def test_rows_are_checked_at_and_beyond_their_bounds(rows, message):
     with pytest.raises(MlflowException, match=re.escape(message)) as e:
         parse_rows(frame, 10)
     assert e.value.get_http_status_code() == 400
+
+
+@pytest.mark.slow
+def test_training_logs_each_evaluation_as_a_model_registers_best_and_final_and_evaluate_links_to_it(
+        server, tmp_path, inception_weights):  # noqa: F811 (fixture imported below)
+    from sagan_dist.train import Trainer
+
+    run_dir = tmp_path / "run"
+    cfg = eval_config(run_dir, inception_weights, f"tracking.uri={server.uri}", "tracking.experiment=models-train",
+                      "tracking.registered_model=gen-train", "train.steps=4", "eval.every=2",
+                      "train.checkpoint_every=2", "train.log_every=2", "train.sample_every=4", "train.batch_size=8")
+    trainer = Trainer(cfg, MAIN)
+    trainer.fit()
+    run_id = trainer.tracker.run_id
+    client = MlflowClient(server.uri)
+    exp_id = client.get_run(run_id).info.experiment_id
+    models = client.search_logged_models([exp_id], filter_string=f"source_run_id = '{run_id}'",
+                                         order_by=[{"field_name": "metrics.fid", "ascending": True}])
+    assert sorted(m.name for m in models) == ["step-00000002", "step-00000004"]
+    assert all({"fid", "isc", "kid", "precision", "recall"} <= {m.key for m in model.metrics} for model in models)
+    by_alias = {a: client.get_model_version_by_alias("gen-train", a) for a in ("best", "final")}
+    assert by_alias["final"].tags["sagan.step"] == "4"
+    assert by_alias["best"].tags["sagan.step"] == models[0].tags["sagan.step"]  # the lowest FID
+    assert models[0].tags.get("sagan.snapshot", "").endswith("checkpoints/best")
+    # `sagan-dist evaluate --mlflow` of the step-2 snapshot links its metrics to that model.
+    done = _cli(1, "evaluate", str(run_dir / "checkpoints" / "step-00000002"), f"tracking.uri={server.uri}",
+                "--mlflow")
+    assert done.returncode == 0, done.stderr[-3000:]
+    step2 = client.search_logged_models(
+        [exp_id], filter_string=f"source_run_id = '{run_id}' AND name = 'step-00000002'")
+    assert len(step2) == 1 and any(m.key.startswith("evaluate/fid_n") for m in step2[0].metrics)
+
+
+from test_evaluation import _cli, eval_config, inception_weights  # noqa: E402,F401 (fixture; at the end: slow import)
