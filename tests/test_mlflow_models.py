@@ -74,8 +74,8 @@ def check_logged(client: MlflowClient, run_id: str, registered: str) -> None:
     versions = client.search_model_versions(f"name = '{registered}'")
     assert sorted(int(v.version) for v in versions) == [1, 2]
     best, final = (client.get_model_version_by_alias(registered, a) for a in ("best", "final"))
-    assert (best.version, final.version) == ("1", "2")
-    assert best.source == f"models:/{models[0].model_id}"
+    assert (str(best.version), str(final.version)) == ("1", "2")
+    assert best.tags["sagan.model_id"] == models[0].model_id and best.source == models[0].artifact_location
     files = {a.path for a in client.list_logged_model_artifacts(models[0].model_id)}
     assert {"MLmodel", "pyfunc_code.py", "artifacts", "input_example.json"} <= files
     assert not any(f.endswith(".pkl") for f in files)
@@ -93,6 +93,15 @@ def logged(mlflow_server, tmp_path_factory):  # noqa: F811 (the fixture imported
 
 def test_each_evaluated_generator_is_a_logged_model_ranked_by_fid_and_registered(logged):
     check_logged(MlflowClient(logged["uri"]), logged["run_id"], logged["name"])
+
+
+def test_a_local_sqlite_store_gets_the_same_models_and_versions(tmp_path, monkeypatch):
+    # Another working directory than the store's: MLflow's own default (./mlflow.db) is not it.
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}"
+    (tmp_path / "store").mkdir()
+    run_id, _ = log_two_evaluations(uri, tmp_path / "run", "models-local", "gen-local")
+    check_logged(MlflowClient(uri), run_id, "gen-local")
 
 
 def test_models_journaled_while_the_server_is_down_arrive_once_with_sync(server, tmp_path, capsys):
@@ -199,7 +208,7 @@ class _Payload:
 def test_a_planted_pickle_in_the_registered_model_folder_never_runs(server, tmp_path, monkeypatch, capsys):
     client = MlflowClient(server.uri)
     run_id, _ = log_two_evaluations(server.uri, tmp_path / "run", "models-planted", "gen-planted")
-    model_id = client.get_model_version_by_alias("gen-planted", "best").source.removeprefix("models:/")
+    model_id = client.get_model_version_by_alias("gen-planted", "best").tags["sagan.model_id"]
     location = client.get_logged_model(model_id).artifact_location  # mlflow-artifacts:/<exp>/models/<id>/artifacts
     folder = server.root / "artifacts" / location.removeprefix("mlflow-artifacts:/")
     assert (folder / "MLmodel").is_file()

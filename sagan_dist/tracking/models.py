@@ -112,7 +112,9 @@ def send_register(client: Any, journal: Journal, run_id: str, batch: list[dict[s
         except MlflowException as e:
             if e.error_code != "RESOURCE_ALREADY_EXISTS":
                 raise
-        version = client.create_model_version(name, f"models:/{model.model_id}", run_id=run_id,
+        # The artifact location, not models:/<id>: a local (sqlite) registry resolves a models:/ source
+        # through MLflow's global tracking URI, not this client's.
+        version = client.create_model_version(name, model.artifact_location, run_id=run_id,
                                               tags={MODEL_ID_TAG: model.model_id, "sagan.step": str(record["step"])},
                                               model_id=model.model_id, await_creation_for=0)
         client.set_logged_model_tags(model.model_id, {"mlflow.modelVersions": json.dumps(
