@@ -124,6 +124,20 @@ def test_models_journaled_while_the_server_is_down_arrive_once_with_sync(server,
     check_logged(client, state["run_id"], "gen-outage")
 
 
+@pytest.mark.parametrize("setting, registered", [(None, "my-run"), ("''", None), ("gan-prod", "gan-prod")])
+def test_registered_model_defaults_to_the_run_name_and_empty_turns_registration_off(tmp_path, setting, registered):
+    overrides = [] if setting is None else [f"tracking.registered_model={setting}"]
+    cfg = make_cfg("http://127.0.0.1:9", tmp_path / "my-run", "x", "tracking.close_timeout_s=0", *SMALL, *overrides)
+    tracker = Tracker.open(cfg, tmp_path / "my-run", None, MAIN)
+    tracker.log_model(generator(cfg, 0), cfg, 5, 0.3, aliases=("final",))
+    tracker.close(None)
+    journals = (tmp_path / "my-run" / "tracking").glob("*/records.jsonl")
+    records = [json.loads(line) for p in journals for line in p.open()]
+    names = [r["registered_model"] for r in records if r["kind"] == "register"]
+    assert names == ([registered] if registered else [])
+    assert (tmp_path / "my-run" / "models" / "step-00000005" / "generator.pt").is_file()
+
+
 def decode(b64: str) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(base64.b64decode(b64))).convert("RGB"))
 
