@@ -163,6 +163,7 @@ print(repr(raw["image"][0].shape), raw["image"][0].dtype)
 """
 
 
+@pytest.mark.slow  # fresh processes
 def test_the_registered_model_predicts_in_a_fresh_process_what_sagan_dist_sample_draws(logged, tmp_path):
     env = {**os.environ, "MLFLOW_TRACKING_URI": logged["uri"], "PYTHONPATH": str(ROOT)}
     uri = f"models:/{logged['name']}@best"
@@ -219,6 +220,7 @@ class _Payload:
         return (os.system, (f"touch {self.marker}",))
 
 
+@pytest.mark.slow  # fresh processes
 def test_a_planted_pickle_in_the_registered_model_folder_never_runs(server, tmp_path, monkeypatch, capsys):
     client = MlflowClient(server.uri)
     run_id, _ = log_two_evaluations(server.uri, tmp_path / "run", "models-planted", "gen-planted")
