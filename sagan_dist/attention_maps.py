@@ -254,8 +254,9 @@ def parse_at(text: str | None) -> list[tuple[float, float]] | None:
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("checkpoint", help="a snapshot directory, its state.pt, or a run directory "
-                                           "(then its newest valid snapshot)")
+    parser.add_argument("checkpoint", help="a snapshot directory, its state.pt, a run directory "
+                                           "(then its newest valid snapshot), or an MLflow model "
+                                           "(models:/NAME@ALIAS, --net G only)")
     parser.add_argument("--out", required=True, type=Path, help="output directory")
     parser.add_argument("--n", type=int, default=4, help="images, one row each (default 4)")
     parser.add_argument("--points", type=int, default=4,
@@ -313,7 +314,12 @@ def _real(args: argparse.Namespace, snapshot: Path, cfg: DictConfig) -> Shown:
 
 def run(args: argparse.Namespace) -> int:
     _check_args(args)
-    snapshot = checkpoint.resolve_snapshot(args.checkpoint)
+    from sagan_dist.serving.registry import is_model_uri
+
+    if is_model_uri(args.checkpoint) and args.net == "D":
+        raise SystemExit(f"--net D: {args.checkpoint} is an MLflow model, which holds only the generator; "
+                         "give a snapshot for the discriminator")
+    snapshot = args.checkpoint if is_model_uri(args.checkpoint) else checkpoint.resolve_snapshot(args.checkpoint)
     g, cfg = load_generator(snapshot, torch.device(args.device))
     try:
         images, labels, maps = _generated(g, args) if args.net == "G" else _real(args, snapshot, cfg)

@@ -137,6 +137,10 @@ class TrackingConfig:
     system_metrics_interval_s: float = 10.0
     retry_s: float = 30.0  # while the server is unreachable, seconds between delivery attempts
     close_timeout_s: float = 60.0  # at the end of training, the longest wait for delivery
+    # Each evaluated EMA generator is a LoggedModel of the run; the final one and every new best FID
+    # are also versions of this registered model (aliases final, best). null -> the run name; "" -> off
+    # (on the command line "tracking.registered_model=''": a bare "key=" is null).
+    registered_model: Optional[str] = None
 
 
 @dataclass

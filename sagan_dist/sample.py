@@ -75,7 +75,12 @@ def save_grid(images: torch.Tensor, path: Path, nrow: int) -> Path:
 
 
 def load_generator(snapshot_path: str | Path, device: torch.device) -> tuple[Generator, DictConfig]:
-    """The EMA generator of a snapshot (or of a run directory's newest valid one), in eval mode."""
+    """The EMA generator of a snapshot (or of a run directory's newest valid one), or of an MLflow
+    model (``models:/NAME@ALIAS``: its weights and config only, see serving.registry), in eval mode."""
+    from sagan_dist.serving.registry import is_model_uri, load_registered_generator
+
+    if is_model_uri(snapshot_path):
+        return load_registered_generator(str(snapshot_path), device)  # type: ignore[return-value]
     g, cfg, _, _ = checkpoint.load_generator(snapshot_path, device)
     return g, cfg
 
@@ -198,8 +203,9 @@ def class_sheet(g: Generator, classes: list[int], columns: int, truncation: floa
 
 # ------------------------------------------------------------------------------ the command
 def configure_parser(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("checkpoint", help="a snapshot directory, its state.pt, or a run directory "
-                                           "(then its newest valid snapshot)")
+    parser.add_argument("checkpoint", help="a snapshot directory, its state.pt, a run directory "
+                                           "(then its newest valid snapshot), or an MLflow model "
+                                           "(models:/NAME@ALIAS; server from $MLFLOW_TRACKING_URI)")
     parser.add_argument("--out", required=True, type=Path, help="output directory")
     parser.add_argument("--n", type=int, default=None,
                         help="images in total (default 100); with --interpolate the rows (default 4); "

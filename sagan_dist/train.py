@@ -211,6 +211,10 @@ class Trainer:
             stopping = self._loop(started)
             if stopping and self.step > started:
                 log.warning("stop requested: wrote the snapshot of step %d, exiting", self.step)
+            if not stopping and self.step > started and self.info.is_main:  # the final model, registered
+                self.tracker.log_model(self.ema.model, self.cfg, self.step, self.images_seen / 1000,
+                                       snapshot=checkpoint.checkpoints_dir(self.run_dir) / f"step-{self.step:08d}",
+                                       aliases=("final",))
             self.tracker.close("KILLED" if stopping else "FINISHED")
             self.stopped = stopping
         except BaseException:
@@ -316,9 +320,13 @@ class Trainer:
         if self.info.is_main and metrics:
             self.tracker.log_metrics({**metrics, "gpu_hours": self.gpu_hours()}, self.step)
         fid = dist.broadcast_object((metrics or {}).get("fid") if self.info.is_main else None)
-        if fid is not None and fid < self.best_fid:
+        best = fid is not None and fid < self.best_fid
+        if best:
             self.best_fid = fid
-            self.save(name="best")
+            snapshot = self.save(name="best")
+        if self.info.is_main and metrics:  # the evaluated G as an MLflow model, the metrics linked to it
+            self.tracker.log_model(self.ema.model, self.cfg, self.step, self.images_seen / 1000, list(metrics),
+                                   snapshot if best else None, ("best",) if best else ())
 
     def save(self, name: str | None = None) -> Path:
         state = {"step": self.step, "images_seen": self.images_seen, "skipped_steps": self.skipped_steps,

@@ -117,7 +117,7 @@ def run(args: argparse.Namespace) -> int:
             result = _result(evaluator, snapshot, state, info, metrics or {}, classes)
             _report(result, args.json)
             if args.mlflow:
-                _log_to_mlflow(cfg, run_dir, state, info, metrics or {}, evaluator.last_num_samples)
+                _log_to_mlflow(cfg, run_dir, state, info, metrics or {}, evaluator.last_num_samples, g, snapshot)
     return 0
 
 
@@ -145,7 +145,7 @@ def _report(result: dict[str, Any], json_path: Path | None) -> None:
 
 
 def _log_to_mlflow(cfg: DictConfig, run_dir: Path, state: dict[str, Any], info: DistInfo,
-                   metrics: dict[str, float], num_samples: int) -> None:
+                   metrics: dict[str, float], num_samples: int, g: Generator, snapshot: Path) -> None:
     """Optional: the metrics go to the run that wrote the checkpoint; failures only warn."""
     run_id = state.get("tracking_run_id")
     if not run_id or not cfg.tracking.enabled:
@@ -164,5 +164,8 @@ def _log_to_mlflow(cfg: DictConfig, run_dir: Path, state: dict[str, Any], info: 
         values["evaluate/gpu_hours"] = hours
     tracker = Tracker.open(cfg, run_dir, run_id, info, reopen=False)
     tracker.log_metrics(values, int(state["step"]))
+    # The snapshot's G as the run's model of that step (or the one training logged), metrics linked.
+    tracker.log_model(g, cfg, int(state["step"]), int(state["images_seen"]) / 1000, list(values), snapshot)
     tracker.close(None)
-    log.info("logged to MLflow run %s as evaluate/<metric>_n%d", run_id, num_samples)
+    log.info("logged to MLflow run %s as evaluate/<metric>_n%d, linked to its model step-%08d", run_id,
+             num_samples, int(state["step"]))

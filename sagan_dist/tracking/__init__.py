@@ -9,6 +9,9 @@ step. While the server is unreachable the courier says so once and retries every
 ``sagan-dist sync RUN_DIR`` (`sync`) delivers what is left. A metric step that a resumed run logs
 again (it restarted from a snapshot older than its last log) keeps its first value.
 
+Evaluated generators are journaled too (``model`` and ``register`` records, `models`): each a
+LoggedModel of the run with its metrics linked, the final and best ones registry versions.
+
 If the run cannot be created at start, it is created on first contact and its id is written to
 the journal's state; until then ``Tracker.run_id`` is ``pending-<key>``, which resume and sync
 resolve through the run directory. Other ranks, and ``tracking.enabled=false``, get a tracker that

@@ -17,6 +17,7 @@ import threading
 from typing import Any, Iterator
 
 from sagan_dist.tracking.journal import Journal
+from sagan_dist.tracking.models import MODEL_SENDERS
 from sagan_dist.tracking.senders import SENDERS, is_refusal
 from sagan_dist.tracking.uri import client_uri, redact_uri
 
@@ -25,6 +26,8 @@ log = logging.getLogger(__name__)
 JOURNAL_TAG = "sagan.journal"  # run tag naming its journal, so that run creation is idempotent
 PREVIOUS_RUN_TAG = "sagan.previous_run_id"  # on a run that continues one this server does not know
 MAX_BATCH_METRICS = 1000  # MLflow's log_batch limit
+# MLflow 3's UI files an experiment without this tag under GenAI; ours is model training.
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
 
 
 def deliver(journal: Journal, client: Any, check_run: bool = True) -> int:
@@ -92,7 +95,7 @@ def _experiment_id(client: Any, name: str) -> str:
     exp = client.get_experiment_by_name(name)
     if exp is None:
         try:
-            return client.create_experiment(name)
+            return client.create_experiment(name, tags=dict([EXPERIMENT_KIND]))
         except MlflowException as e:  # created meanwhile by another run
             if e.error_code != "RESOURCE_ALREADY_EXISTS":
                 raise
@@ -100,6 +103,8 @@ def _experiment_id(client: Any, name: str) -> str:
     if exp.lifecycle_stage == "deleted":
         raise MlflowException(f"experiment {name!r} is deleted; restore it (mlflow experiments "
                               "restore) or set another tracking.experiment")
+    if EXPERIMENT_KIND[0] not in exp.tags:  # a kind the user chose stays
+        client.set_experiment_tag(exp.experiment_id, *EXPERIMENT_KIND)
     return exp.experiment_id
 
 
@@ -123,7 +128,7 @@ def _batches(pending: Iterator[tuple[dict[str, Any], int]]) -> Iterator[tuple[li
 
 def send_or_reject(client: Any, journal: Journal, run_id: str, batch: list[dict[str, Any]]) -> None:
     try:
-        SENDERS[batch[0]["kind"]](client, journal, run_id, batch)
+        (SENDERS.get(batch[0]["kind"]) or MODEL_SENDERS[batch[0]["kind"]])(client, journal, run_id, batch)
     except Exception as e:
         if not is_refusal(e):
             raise

@@ -162,6 +162,8 @@ class Journal:
         elif record["kind"] == "image":
             key = "image:" + record["key"]
             self.last_steps[key] = max(self.last_steps.get(key, -1), record["step"])
+        elif record["kind"] == "model":  # its files are written once per step (see Tracker.log_model)
+            self.last_steps[f"model:{record['step']}"] = record["step"]
 
     # -- writing (training thread, system-metrics thread) --
     def append(self, kind: str, **fields: Any) -> None:

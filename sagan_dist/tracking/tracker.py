@@ -14,7 +14,7 @@ import re
 import subprocess
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -141,6 +141,35 @@ class Tracker:
         if self._journal is not None:
             self._append("artifact", path=str(Path(path).resolve()), artifact_path=artifact_path)
 
+    def log_model(self, generator: Any, cfg: DictConfig, step: int, kimg: float,
+                  metric_keys: Sequence[str] = (), snapshot: Optional[Path] = None,
+                  aliases: Sequence[str] = ()) -> None:
+        """``generator`` (the EMA G of step ``step``) as the run's LoggedModel ``step-<N>``, linked
+        to its metrics ``metric_keys`` (already logged at ``step``), and with ``aliases`` a version of
+        tracking.registered_model. Files go to ``<run_dir>/models/step-<N>`` once; the upload, the
+        links and the registration are journaled and delivered like metrics (tracking/models.py)."""
+        if self._journal is None:
+            return
+        from sagan_dist.serving.files import config_hash, write_model_files
+        from sagan_dist.tracking.models import model_name, registered_model
+
+        name = model_name(step)
+        path = self._journal.path.parent.parent / "models" / name
+        container = redacted_config(OmegaConf.to_container(cfg, resolve=True))  # type: ignore[arg-type]
+        if f"model:{step}" not in self._journal.last_steps:
+            write_model_files(path, generator, container)
+        digest = config_hash(container)
+        tags = {"sagan.step": str(step), "sagan.kimg": f"{kimg:g}", "sagan.config_hash": digest}
+        if snapshot is not None:
+            tags["sagan.snapshot"] = str(Path(snapshot).resolve())
+        params = {**flatten({"model": container["model"]}, ""), "data.num_classes": str(cfg.data.num_classes),
+                  "step": str(step), "kimg": f"{kimg:g}", "config_hash": digest}
+        self._append("model", step=step, name=name, path=str(path.resolve()), tags=tags, params=params,
+                     metric_keys=[metric_key(k) for k in metric_keys], requirements=[_requirement()])
+        target = registered_model(cfg.tracking.registered_model, self._journal.state["run_name"])
+        if target and aliases:
+            self._append("register", registered_model=target, step=step, name=name, aliases=list(aliases))
+
     def flush(self, timeout_s: float) -> bool:
         """Wait up to ``timeout_s`` for everything journaled to be delivered; True if it was."""
         deadline = time.monotonic() + timeout_s
@@ -236,6 +265,14 @@ def run_tags(cfg: DictConfig, info: DistInfo) -> dict[str, str]:
         pass
     tags.update(_git_tags())
     return tags
+
+
+def _requirement() -> str:
+    """The pip requirement a served model needs: this sagan-dist (unpinned when not installed)."""
+    try:
+        return f"sagan-dist=={importlib.metadata.version('sagan-dist')}"
+    except importlib.metadata.PackageNotFoundError:
+        return "sagan-dist"
 
 
 def _git_tags() -> dict[str, str]:
