@@ -148,8 +148,9 @@ def test_the_reference_names_every_key_with_its_comment():
 # ---- running the blocks ---------------------------------------------------------------------
 def rewrite(command: str, subs: dict[str, str]) -> str:
     """One documented command as this test runs it: placeholders replaced, tiny sizes added."""
-    for old, new in subs.items():
-        command = command.replace(old, new)
+    if subs:  # in one pass: a replacement (a path under /tmp/) is not replaced again
+        pattern = "|".join(re.escape(k) for k in sorted(subs, key=len, reverse=True))
+        command = re.sub(pattern, lambda m: subs[m.group(0)], command)
     background = command.endswith("&")
     command = command.rstrip("& ")
     if re.search(r"sagan-dist train |sagan-launch local ", command) and "--print-command" not in command:
@@ -161,6 +162,19 @@ def rewrite(command: str, subs: dict[str, str]) -> str:
         words.insert(options[0] if options else len(words), TINY_EVAL)
         command = " ".join(words)
     return command + (" &" if background else "")
+
+
+def test_rewrite_adds_tiny_sizes_where_each_command_takes_them():
+    subs = {INCEPTION: "/tmp/w.pth", "/tmp/": "/t/"}
+    assert rewrite(".venv/bin/sagan-dist train demo train.run_dir=/tmp/a &", subs) == \
+        f".venv/bin/sagan-dist train demo train.run_dir=/t/a {TINY_TRAIN} &"
+    assert rewrite(f"sagan-dist evaluate runs/demo eval.inception_weights={INCEPTION} --classes 0,3", subs) == \
+        f"sagan-dist evaluate runs/demo eval.inception_weights=/tmp/w.pth {TINY_EVAL} --classes 0,3"
+    assert rewrite("sagan-dist evaluate runs/demo", {}) == f"sagan-dist evaluate runs/demo {TINY_EVAL}"
+    printed = ".venv/bin/sagan-launch local --nproc 2 --print-command demo"
+    assert rewrite(printed, {}) == printed
+    sample = "sagan-dist sample runs/demo --out /tmp/s --n 2"
+    assert rewrite(sample, subs) == sample.replace("/tmp/", "/t/")
 
 
 def script(page: Path, subs: dict[str, str]) -> str:
