@@ -43,7 +43,8 @@ NEEDS = {
     "ci": "README's set-up commands: run by .ci/run, checked by test_the_setup_block_is_what_ci_runs",
 }
 TINY_TRAIN = "train.steps=2 train.batch_size=16 train.log_every=1 train.sample_every=2 train.checkpoint_every=2"
-TINY_EVAL = ("eval.num_samples=12 eval.reference_samples=12 eval.batch_size=6 eval.class_samples=4 "
+# 60 real images: enough of each class for `evaluate --classes` (it needs 2 of a class for its FID).
+TINY_EVAL = ("eval.num_samples=12 eval.reference_samples=60 eval.batch_size=6 eval.class_samples=4 "
              "eval.isc_splits=2 eval.kid_subsets=2")
 DEMO = ".venv/bin/sagan-dist train demo"  # what README's first command trains, after the set-up
 INCEPTION = "/models/weights-inception-2015-12-05-6726825d.pth"
