@@ -2,9 +2,14 @@
 
 Both are counted over whole steps and divided by the number of steps by the caller.
 
-Host reads. On CUDA, ``torch.cuda.set_sync_debug_mode("warn")`` makes every synchronising CUDA
-call (``.item()``, ``float(t)``, ``bool(t)``, ``.tolist()``, ``.cpu()``, ``nonzero``, ...) warn;
-the warnings are counted. On CPU nothing synchronises, so the calls that *would* read a device
+Host reads. On CUDA every wait of the host for the device is counted: ``torch.profiler``'s CUDA
+runtime events ``cudaDeviceSynchronize`` (an explicit ``torch.cuda.synchronize()``, e.g. DeepSpeed's
+timers), ``cudaStreamSynchronize`` (inside every implicit read: ``.item()``, ``float(t)``,
+``bool(t)``, ``.tolist()``, ``.cpu()``, ``nonzero``, ...) and ``cudaEventSynchronize``. Beside them,
+``torch.cuda.set_sync_debug_mode("warn")`` flags the implicit reads (``HostReads.flagged``); it does
+not flag explicit synchronizes, which is why the profiler is the count. Where the profiler records
+no CUDA runtime events (no CUPTI), the flagged reads are the count. (Not testable on a CPU-only
+machine beyond the counting of event names.) On CPU nothing synchronises, so the calls that *would* read a device
 tensor on the host are counted instead, from Python, with a ``TorchFunctionMode``: ``Tensor.item``,
 ``__bool__``, ``__float__``, ``__int__``, ``__index__``, ``tolist``, ``numpy``, and ``cpu`` or ``to``
 with a CPU target called from outside torch. Not counted on CPU: reads made inside C++ (none in
@@ -27,7 +32,7 @@ import os
 import sys
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 from torch.overrides import TorchFunctionMode
@@ -83,28 +88,51 @@ class HostReads:
     """Device-to-host reads counted while the context was open, by kind."""
 
     counts: collections.Counter = field(default_factory=collections.Counter)
+    flagged: int = 0  # CUDA: reads flagged by sync debug mode (implicit ones; also in counts)
 
     @property
     def total(self) -> int:
         return sum(self.counts.values())
 
 
+# CUDA runtime calls that block the host until the device (or a stream, an event) is done; the
+# profiler may report versioned names (cudaStreamSynchronize_v2 ...), hence prefixes.
+CUDA_SYNCS = ("cudaDeviceSynchronize", "cudaStreamSynchronize", "cudaEventSynchronize")
+
+
+def cuda_syncs(event_names: Iterable[str]) -> collections.Counter:
+    """How many of ``event_names`` (profiler event names) are host waits, by runtime call."""
+    found: collections.Counter[str] = collections.Counter()
+    for name in event_names:
+        for sync in CUDA_SYNCS:
+            if name.startswith(sync):
+                found[sync] += 1
+    return found
+
+
 @contextlib.contextmanager
 def count_host_reads(device: torch.device) -> Iterator[HostReads]:
-    """Count device-to-host reads (see the module docstring for what is counted)."""
+    """Count device-to-host reads (see the module docstring for what is counted).
+
+    On CUDA it runs a profiler: do not nest it in `count_collectives` (profilers do not nest).
+    """
     result = HostReads()
     if device.type == "cuda":
+        from torch.profiler import ProfilerActivity, profile
+
         previous = torch.cuda.get_sync_debug_mode()
         torch.cuda.set_sync_debug_mode("warn")
         try:
-            with warnings.catch_warnings(record=True) as caught:
+            with warnings.catch_warnings(record=True) as caught, \
+                    profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
                 warnings.simplefilter("always")
                 yield result
         finally:
             torch.cuda.set_sync_debug_mode(previous)
-        for w in caught:
-            if "synchronizing" in str(w.message):
-                result.counts["cuda sync"] += 1
+        result.flagged = sum("synchronizing" in str(w.message) for w in caught)
+        result.counts.update(cuda_syncs(e.name for e in prof.events()))
+        if not result.counts and result.flagged:  # no runtime events recorded (no CUPTI)
+            result.counts["cuda sync (debug mode)"] = result.flagged
         return
     mode = _CountReads()
     with mode:

@@ -79,6 +79,31 @@ def test_config_follows_train_and_zero_stage_and_extra_merges_on_top():
     assert "bf16" not in ds and "fp16" not in ds and "torch_autocast" not in ds
 
 
+def test_deepspeed_timers_are_off_unless_extra_turns_them_on():
+    ds = deepspeed_config(load(["demo"], []), 1, torch.device("cpu"))
+    assert ds["timers"] == {"throughput": {"enabled": False}} and ds["wall_clock_breakdown"] is False
+    on = deepspeed_config(load(["demo"], ["deepspeed.extra={timers: {throughput: {enabled: true}}}"]), 1,
+                          torch.device("cpu"))
+    assert on["timers"] == {"throughput": {"enabled": True}}  # DeepSpeed's default: synchronized
+
+
+@pytest.mark.parametrize("extra, synchronizes", [(None, False),
+                                                 ("deepspeed.extra={timers: {throughput: {enabled: true}}}", True)])
+def test_a_step_asks_for_no_device_synchronize_unless_the_timer_is_asked_for(tmp_path, monkeypatch, extra,
+                                                                            synchronizes):
+    """DeepSpeed's throughput timer synchronises the device around every engine forward and step
+    (from the engine's third step on): on a GPU that drains the queue twice a step. Counted on CPU
+    as calls of the accelerator's synchronize, which is what the timer calls."""
+    tr = _trainer(tmp_path, *DS, "deepspeed.zero_stage=2", *([extra] if extra else []))
+    calls: list[str] = []
+    monkeypatch.setattr(get_accelerator(), "synchronize", lambda *a, **k: calls.append("sync"))
+    tr.start_segment()
+    for _ in range(4):
+        tr.train_step()
+    assert tr.G.engine.tput_timer.config.enabled is synchronizes
+    assert bool(calls) is synchronizes, len(calls)
+
+
 def test_bf16_runs_under_torch_autocast_and_fp16_casts_the_weights():
     bf16 = deepspeed_config(load(["demo"], ["train.precision=bf16"]), 1, torch.device("cpu"))
     assert bf16["torch_autocast"]["enabled"] and bf16["torch_autocast"]["dtype"] == "bfloat16"

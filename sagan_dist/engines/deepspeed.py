@@ -107,6 +107,11 @@ def deepspeed_config(cfg: DictConfig, world_size: int, device: torch.device) -> 
         "gradient_clipping": float(t.grad_clip),
         "zero_optimization": {"stage": cfg.deepspeed.zero_stage},
         "steps_per_print": 2**31 - 1,  # our loop logs progress; DeepSpeed's lines would be noise
+        # DeepSpeed's throughput timer is on by default and synchronises the device around every
+        # engine forward and step (a GPU would drain its queue twice a step); our loop measures
+        # throughput itself. The breakdown timers synchronise too. Both can come back via extra.
+        "timers": {"throughput": {"enabled": False}},
+        "wall_clock_breakdown": False,
     }
     if t.precision == "bf16":
         # No lower-precision gradient all-reduce: the DDP engine reduces in fp32 too, and the
