@@ -191,9 +191,12 @@ def test_a_bf16_step_is_the_ddp_engines_step(tmp_path):
     vectorised kernels round differently on different CPUs (equal on AVX-512, not on AVX2). Nor
     per parameter: Adam's first update is lr * g / |g|, so a gradient that is rounding noise (zero
     in exact arithmetic, e.g. a conv bias before BatchNorm or a key bias before softmax) moves by
-    +-lr either way. Those parameters do not change the networks' outputs, so we compare outputs:
-    measured difference 1.4e-6 (AVX2 EPYC), one update's effect 0.25 (G) to 4.1 (D); the tolerance
-    1e-4 sits between, so a wrong or missing update, lr or batch fails it.
+    +-lr either way. So we compare outputs, relative to one update's effect on them (0.25 for G(z)
+    to 4.1 for D(G(z))): measured 1.4e-6 absolute on one AVX2 EPYC, but 5.0e-3 (2.0% of G's update)
+    on another AVX2 EPYC, where bf16 autocast's rounding-level gradient differences reach parameters
+    that do matter and Adam's sign-like first step turns each into a +-lr move. The tolerance, 5% of
+    the update's effect per output, sits well below what a wrong or missing update, lr or batch
+    changes (the whole update, 100%).
     """
     outputs, stats = [], []
     for engine in ("ddp", "deepspeed"):
@@ -205,8 +208,10 @@ def test_a_bf16_step_is_the_ddp_engines_step(tmp_path):
         stats.append({k: v for k, v in tr.G.raw.state_dict().items() if "running" in k})
     ddp, ds = outputs
     for k in ddp:
-        assert (ddp[k] - before[k]).abs().max() > 0.1, k  # the update is far above the tolerance
-        torch.testing.assert_close(ds[k], ddp[k], rtol=0, atol=1e-4, msg=k)
+        update = (ddp[k] - before[k]).abs().max().item()
+        assert update > 0.1, k  # the update is far above the tolerance
+        difference = (ds[k] - ddp[k]).abs().max().item()
+        assert difference <= 0.05 * update, f"{k}: engines differ by {difference:.3g}, one update moves {update:.3g}"
     for k in stats[0]:  # BatchNorm statistics of the same forwards: rounding only
         torch.testing.assert_close(stats[1][k], stats[0][k], rtol=1e-4, atol=1e-6, msg=k)
 
