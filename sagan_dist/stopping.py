@@ -20,6 +20,7 @@ class StopSignals:
 
     def __init__(self) -> None:
         self.requested_at: Optional[float] = None
+        self.signum = signal.SIGTERM  # the first stop signal; a stopped run exits 128 + it
 
     @property
     def requested(self) -> bool:
@@ -32,7 +33,7 @@ class StopSignals:
 
     def _handle(self, signum: int, frame: Any) -> None:
         if self.requested_at is None:
-            self.requested_at = time.monotonic()
+            self.requested_at, self.signum = time.monotonic(), signal.Signals(signum)
 
 
 class StopAgreement:

@@ -452,8 +452,9 @@ def main(items: Sequence[str]) -> int:
         # a gloo teardown abort at exit was seen otherwise.
         del trainer
         gc.collect()
-    # 128 + SIGTERM after a stop snapshot: a Job must see "interrupted", not "completed".
-    return 143 if stopped else 0
+    # 128 + the signal after a stop snapshot (143 SIGTERM, 130 Ctrl-C): a Job must see "interrupted",
+    # not "completed"; a stop agreed from another rank's signal counts as SIGTERM.
+    return 128 + int(stop.signum) if stopped else 0
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:

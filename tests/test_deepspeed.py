@@ -419,3 +419,11 @@ def test_resume_under_another_engine_stage_or_world_size_is_a_config_error(tmp_p
     torch.save({**meta, "dp_world_size": 2}, states)  # as if two ranks had saved it
     with pytest.raises(ConfigError, match="shards of 2 ranks.*Resume with 2 processes in all"):
         _trainer(tmp_path / "z1", *DS, "train.steps=2")
+
+
+def test_fp16_where_deepspeeds_accelerator_refuses_it_is_a_config_error_naming_the_key(tmp_path, monkeypatch):
+    """The other side of fp16_anywhere: on a CPU whose DeepSpeed accelerator says no, the user gets
+    one line naming train.precision instead of DeepSpeed's ValueError from inside initialize()."""
+    monkeypatch.setattr(get_accelerator(), "is_fp16_supported", lambda: None)
+    with pytest.raises(ConfigError, match=r"'train.precision'.*fp16 section is not supported"):
+        _trainer(tmp_path, *DS, "train.precision=fp16")

@@ -98,3 +98,17 @@ def test_gpu_hours_come_from_the_snapshot_and_are_unknown_for_older_ones(tmp_pat
     printed = capsys.readouterr().out
     assert "gpu_hours  unknown" in printed
     assert json.loads((tmp_path / "r.json").read_text())["gpu_hours"] is None
+
+
+@pytest.mark.parametrize("in_class, fails", [(0, True), (1, True), (2, False)])
+def test_class_fid_with_too_few_reference_images_is_a_config_error_naming_the_key(in_class, fails):
+    rng = np.random.default_rng(0)
+    labels = np.array([3] * in_class + [5] * (8 - in_class))
+    reference = Reference.from_features(rng.normal(size=(8, 16)), labels)
+    pool = torch.from_numpy(rng.normal(size=(6, 16)).astype(np.float32))
+    if fails:
+        with pytest.raises(ConfigError, match=f"class 3: {in_class} of the reference.*eval.reference_samples"):
+            class_fid(pool, reference, 3)
+    else:
+        fid, n = class_fid(pool, reference, 3)
+        assert n == 2 and math.isfinite(fid)

@@ -77,13 +77,14 @@ def test_sigint_to_the_process_group_snapshots_and_resumes(tmp_path):
     _stop_with(signal.SIGINT, tmp_path)
 
 
-def test_one_process_exits_143_after_a_snapshot(tmp_path):
+@pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_one_process_exits_128_plus_the_signal_after_a_snapshot(tmp_path, sig, code):
     run_dir = tmp_path / "run"
     cmd = [sys.executable, "-m", "sagan_dist.cli", "train", "demo", *TINY, f"train.run_dir={run_dir}",
            "data.workers=2", "train.steps=100000"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     _wait_for(proc, "step 2/", 240)
-    os.killpg(proc.pid, signal.SIGTERM)
+    os.killpg(proc.pid, sig)
     proc.communicate(timeout=120)
-    assert proc.returncode == 143
+    assert proc.returncode == code
     assert checkpoint.list_checkpoints(run_dir)

@@ -219,6 +219,22 @@ def unsafe_reason(path: Path) -> str | None:
     return f"it asks for {', '.join(refused)}, which would run code if loaded" if refused else None
 
 
+def _require_precision_support(ds: Mapping[str, Any]) -> None:
+    """A half-precision section the accelerator refuses is a config error, before DeepSpeed starts.
+
+    DeepSpeed's CPU accelerator accepts fp16 only where oneDNN has fast fp16 kernels (AVX-512 FP16
+    or AMX), and says so with a bare ValueError in the middle of initialize()."""
+    from deepspeed.accelerator import get_accelerator
+
+    accelerator = get_accelerator()
+    for section, supported in (("fp16", accelerator.is_fp16_supported), ("bf16", accelerator.is_bf16_supported)):
+        if (ds.get(section) or {}).get("enabled") and not supported():
+            raise ConfigError(
+                f"config key 'train.precision': DeepSpeed's {section} section is not supported by its "
+                f"{accelerator.device_name()} accelerator on this machine; use train.precision=fp32 or "
+                f"{'bf16' if section == 'fp16' else 'fp32'}, or engine=ddp (torch autocast runs {section} anywhere)")
+
+
 class DeepSpeedEngine(Engine):
     def __init__(self, model: nn.Module, lr: float, betas: tuple[float, float], cfg: DictConfig,
                  info: DistInfo, name: str) -> None:
@@ -233,6 +249,7 @@ class DeepSpeedEngine(Engine):
         # with fp32 parameters hands the gradients straight to Adam, so we check them first and
         # use fused Adam, whose kernel skips the update when told `found_inf` (a device flag).
         self._mask_non_finite = cfg.deepspeed.zero_stage == 0 and not _low_precision_parameters(ds)
+        _require_precision_support(ds)
         optimizer = torch.optim.Adam(model.parameters(), lr=lr, betas=(float(betas[0]), float(betas[1])),
                                      fused=self._mask_non_finite or None)
         self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds)

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from torch_fidelity import metric_isc, metric_kid, metric_prc
 
+from sagan_dist.config_base import ConfigError
 from sagan_dist.evaluation.reference import Reference, fid_statistics
 from sagan_dist.evaluation.weights import LOGITS, POOL, full_fp32
 
@@ -93,7 +94,7 @@ def class_fid(pool: torch.Tensor, reference: Reference, class_id: int) -> tuple[
     how many reference images that class has."""
     real = reference.features[reference.labels == class_id]
     if len(real) < 2:
-        raise ValueError(f"class {class_id}: {len(real)} of the reference images belong to it, FID needs at "
-                         "least 2 (raise eval.reference_samples)")
+        raise ConfigError(f"class {class_id}: {len(real)} of the reference images belong to it, FID needs at "
+                          "least 2 (raise eval.reference_samples)")
     mu, sigma = fid_statistics(real)
     return frechet_distance(pool.numpy(), mu, sigma), len(real)
