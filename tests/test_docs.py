@@ -12,6 +12,8 @@ What the run changes, and nothing else (so a command that stops working fails he
   internet here), the MLflow addresses a real `mlflow server` on 127.0.0.1 started by the test
   (the documented `mlflow server ... &` line is that server), /tmp/ the page's directory, and fixed
   rendezvous ports free ones;
+- a served model: `mlflow models serve ... &` gets a free port and its own session, which is ended
+  with its block; `curl` retries until the server answers (it takes a while to start);
 - `runs/demo`, which pages take from the demo, is a demo run made once (TINY_TRAIN) and copied in.
 """
 from __future__ import annotations
@@ -50,6 +52,8 @@ DEMO = ".venv/bin/sagan-dist train demo"  # what README's first command trains, 
 INCEPTION = "/models/weights-inception-2015-12-05-6726825d.pth"
 MLFLOW_URIS = ("http://127.0.0.1:5000", "https://mlflow.example.org")
 NEEDS_MARK = re.compile(r"^<!-- needs: (\S+) -->$")
+SERVE = re.compile(r"mlflow models serve .*--port (\d+).*&$")
+CURL_WAIT = "curl --retry 300 --retry-connrefused --retry-delay 1 --retry-max-time 400 --fail "
 
 
 @dataclass
@@ -154,6 +158,8 @@ def rewrite(command: str, subs: dict[str, str]) -> str:
         command = re.sub(pattern, lambda m: subs[m.group(0)], command)
     background = command.endswith("&")
     command = command.rstrip("& ")
+    if command.startswith("curl "):  # a documented query of a server started just above: wait for it
+        command = CURL_WAIT + command[len("curl "):]
     if re.search(r"sagan-dist train |sagan-launch local ", command) and "--print-command" not in command:
         command += " " + TINY_TRAIN
     elif " evaluate " in command:
@@ -176,16 +182,36 @@ def test_rewrite_adds_tiny_sizes_where_each_command_takes_them():
     assert rewrite(printed, {}) == printed
     sample = "sagan-dist sample runs/demo --out /tmp/s --n 2"
     assert rewrite(sample, subs) == sample.replace("/tmp/", "/t/")
+    assert rewrite("curl -s http://127.0.0.1:5001/invocations", {}) == CURL_WAIT + "-s http://127.0.0.1:5001/invocations"
+
+
+def test_a_served_model_gets_its_own_session_ended_with_its_block(tmp_path, monkeypatch):
+    monkeypatch.setitem(globals(), "REPO", tmp_path)  # where() names pages relative to it
+    page = tmp_path / "p.md"
+    page.write_text("```bash\nmlflow models serve -m m --port 5001 &\ncurl -s http://127.0.0.1:5001/ping\n```\n"
+                    "```bash\necho next\n```\n")
+    lines = script(page, {}).splitlines()
+    serve = lines.index("setsid mlflow models serve -m m --port 5001 &")
+    curl = CURL_WAIT + "-s http://127.0.0.1:5001/ping"
+    assert lines[serve + 1:serve + 5] == ["server_0=$!", f"echo {shlex.quote('$ ' + curl)} | cut -c1-300", curl,
+                                          "kill -- -$server_0; wait $server_0 || true"]
+    assert lines.count("kill -- -$server_0; wait $server_0 || true") == 1  # the next block has no server
 
 
 def script(page: Path, subs: dict[str, str]) -> str:
-    lines = ["set -euo pipefail"]
+    lines, servers = ["set -euo pipefail"], []
     for b in runnable(page):
         lines.append(f"echo '>>> {b.where()}'")
         for c in commands(b.code):
             if re.search(r"mlflow server .*&$", c):  # the test's server stands in for this one
                 continue
             lines += [f"echo {shlex.quote('$ ' + rewrite(c, subs))} | cut -c1-300", rewrite(c, subs)]
+            if SERVE.search(c):  # a server never finishes: its own session, ended after the block
+                lines[-1] = "setsid " + lines[-1]
+                servers.append(f"server_{len(servers)}")
+                lines.append(f"{servers[-1]}=$!")
+        lines += [f"kill -- -${server}; wait ${server} || true" for server in servers]
+        servers.clear()
         # A block's background commands (a second node) must finish, and succeed, with it.
         lines.append("for job in $(jobs -p); do wait $job; done")
     return "\n".join(lines) + "\n"
@@ -239,6 +265,9 @@ def test_the_commands_of_each_page_run(page, tmp_path, request, inception_weight
     subs = {INCEPTION: str(inception_weights), "/tmp/": f"{cwd / 'tmp'}/"}
     for port in sorted(set(re.findall(r"127\.0\.0\.1:(29\d\d\d)", text))):
         subs[f"127.0.0.1:{port}"] = f"127.0.0.1:{free_port()}"
+    for port in sorted({m.group(1) for m in map(SERVE.search, text.splitlines()) if m}):
+        served = free_port()
+        subs.update({f"127.0.0.1:{port}": f"127.0.0.1:{served}", f"--port {port}": f"--port {served}"})
     server = None
     if any(uri in text for uri in MLFLOW_URIS):
         server = MlflowServer(tmp_path / "mlflow").start()
