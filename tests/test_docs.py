@@ -42,6 +42,7 @@ NEEDS = {
     "hosts": "several hosts on one network",
     "cluster": "a Kubernetes cluster (kubectl, kustomize)",
     "docker": "a Docker daemon and a registry",
+    "bench": "minutes of a quiet machine: a benchmark, whose figures BENCHMARKS.md records",
     "ci": "README's set-up commands: run by .ci/run, checked by test_the_setup_block_is_what_ci_runs",
 }
 TINY_TRAIN = "train.steps=2 train.batch_size=16 train.log_every=1 train.sample_every=2 train.checkpoint_every=2"
