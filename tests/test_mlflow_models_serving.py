@@ -34,7 +34,10 @@ def post(url: str, body: dict | bytes, timeout: float = 300) -> tuple[int, dict]
 @pytest.fixture(scope="module")
 def scoring(logged, tmp_path_factory):  # noqa: F811 (the fixture imported above)
     port = free_port()
-    env = {**os.environ, "MLFLOW_TRACKING_URI": logged["uri"], "PYTHONPATH": str(ROOT)}
+    # The venv's bin first: `mlflow models serve` starts its web server by name from PATH, and
+    # .ci/run calls the venv's python without activating the venv.
+    path = f"{os.path.dirname(sys.executable)}{os.pathsep}{os.environ.get('PATH', '')}"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": logged["uri"], "PYTHONPATH": str(ROOT), "PATH": path}
     log = open(tmp_path_factory.mktemp("serve") / "serve.log", "wb")
     proc = subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve", "-m", f"models:/{logged['name']}@best",
                              "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
@@ -48,7 +51,8 @@ def scoring(logged, tmp_path_factory):  # noqa: F811 (the fixture imported above
         except OSError:
             time.sleep(0.5)
     else:
-        os.killpg(proc.pid, signal.SIGKILL)
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
         pytest.fail(f"mlflow models serve did not come up: {open(log.name, 'rb').read()[-3000:]!r}")
     yield {"url": url, "env": env, **logged}
     os.killpg(proc.pid, signal.SIGKILL)
